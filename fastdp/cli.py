@@ -1,0 +1,48 @@
+"""The ``fastdp`` command line: demo, bench, theory, experiment.
+
+Each subcommand lives in its own module with a ``main(argv) -> int``; this file only routes,
+importing the module when its subcommand runs so ``fastdp demo`` never pays for the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("fastdp.demo", "DP-SGD on MNIST-1D against the same run without privacy"),
+    "bench": ("fastdp.bench.cli", "throughput and memory against non-private and Opacus"),
+    "theory": ("fastdp.theory.cli", "continuous-time Noisy-SGD models: lls | dln"),
+    "experiment": ("fastdp.theory.experiments.cli", "batch-size sweeps at fixed sigma/B"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fastdp <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'fastdp <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"fastdp: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = SUBCOMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        print(f"fastdp {name}: not yet available in this version.")
+        return 0
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

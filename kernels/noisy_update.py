@@ -1,0 +1,126 @@
+"""Noisy optimizer update: g = (sum + N(0, noise_std^2)) * scale, then an SGD or AdamW step.
+
+Multi-tensor: one call updates every parameter. The formulas match torch.optim.SGD and
+torch.optim.AdamW exactly (same state layout: ``momentum_buffer``; ``exp_avg``,
+``exp_avg_sq``), so a fused optimizer's state_dict loads into the plain one and back. Noise for
+parameter k at logical step ``step`` is keyed by (seed, step, k) (see ``noise.py``). This
+module holds the torch reference; the Triton kernel is added beside it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastdp.kernels.dispatch import use_triton
+from fastdp.kernels.noise import gaussian_noise_torch
+
+
+def noisy_gradient_torch(
+    grad_sum: torch.Tensor, *, noise_std: float, scale: float, seed: int, step: int, stream: int
+) -> torch.Tensor:
+    """float32 (grad_sum + noise) * scale: the DP gradient of one parameter."""
+    g = grad_sum.float()
+    if noise_std > 0:
+        g = g + gaussian_noise_torch(
+            g.shape, std=noise_std, seed=seed, step=step, stream=stream, device=g.device
+        )
+    return g * scale
+
+
+@torch.no_grad()
+def noisy_sgd_update_torch(
+    params: list[torch.Tensor],
+    grad_sums: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    seed: int = 0,
+    step: int = 0,
+    streams: list[int] | None = None,
+) -> list[torch.Tensor | None]:
+    """Torch reference; returns the momentum buffers (created on first use, as torch SGD)."""
+    new_buffers: list[torch.Tensor | None] = []
+    for k, (p, grad_sum, buf) in enumerate(zip(params, grad_sums, momentum_buffers)):
+        stream = streams[k] if streams is not None else k
+        g = noisy_gradient_torch(
+            grad_sum, noise_std=noise_std, scale=scale, seed=seed, step=step, stream=stream
+        ).to(p.dtype)
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        if momentum != 0:
+            if buf is None:
+                buf = g.clone()
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(g, alpha=-lr)
+        new_buffers.append(buf)
+    return new_buffers
+
+
+@torch.no_grad()
+def noisy_adamw_update_torch(
+    params: list[torch.Tensor],
+    grad_sums: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    *,
+    step_count: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    maximize: bool = False,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    seed: int = 0,
+    step: int = 0,
+    streams: list[int] | None = None,
+) -> None:
+    """Torch reference. ``step_count`` is Adam's t after this update (1 on the first)."""
+    bias_correction1 = 1 - beta1**step_count
+    bias_correction2 = 1 - beta2**step_count
+    for k, (p, grad_sum, m, v) in enumerate(zip(params, grad_sums, exp_avgs, exp_avg_sqs)):
+        stream = streams[k] if streams is not None else k
+        g = noisy_gradient_torch(
+            grad_sum, noise_std=noise_std, scale=scale, seed=seed, step=step, stream=stream
+        ).to(p.dtype)
+        if maximize:
+            g = -g
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+
+def noisy_sgd_update(params, grad_sums, momentum_buffers, **kwargs):
+    """Dispatching entry point; same arguments and result as ``noisy_sgd_update_torch``."""
+    if params and use_triton(*params):
+        from fastdp.kernels import noisy_update_triton
+
+        return noisy_update_triton.noisy_sgd_update(params, grad_sums, momentum_buffers, **kwargs)
+    return noisy_sgd_update_torch(params, grad_sums, momentum_buffers, **kwargs)
+
+
+def noisy_adamw_update(params, grad_sums, exp_avgs, exp_avg_sqs, **kwargs):
+    """Dispatching entry point; same arguments as ``noisy_adamw_update_torch``."""
+    if params and use_triton(*params):
+        from fastdp.kernels import noisy_update_triton
+
+        return noisy_update_triton.noisy_adamw_update(
+            params, grad_sums, exp_avgs, exp_avg_sqs, **kwargs
+        )
+    return noisy_adamw_update_torch(params, grad_sums, exp_avgs, exp_avg_sqs, **kwargs)
