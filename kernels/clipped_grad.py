@@ -10,7 +10,6 @@ torch reference; the Triton kernel is added beside it.
 from __future__ import annotations
 
 import torch
-
 from fastdp.kernels.dispatch import use_triton
 from fastdp.kernels.noise import gaussian_noise_torch
 
@@ -62,12 +61,22 @@ def clipped_linear_grad_torch(
     if bias_out is not None:
         bias_out.add_(g.sum((0, 1)))
     if noise_std > 0:
-        out.add_(gaussian_noise_torch(out.shape, std=noise_std, seed=seed, step=step,
-                                      stream=stream, device=out.device))
+        out.add_(
+            gaussian_noise_torch(
+                out.shape, std=noise_std, seed=seed, step=step, stream=stream, device=out.device
+            )
+        )
         if bias_out is not None:
-            bias_out.add_(gaussian_noise_torch(bias_out.shape, std=noise_std, seed=seed,
-                                               step=step, stream=stream + (1 << 32),
-                                               device=out.device))
+            bias_out.add_(
+                gaussian_noise_torch(
+                    bias_out.shape,
+                    std=noise_std,
+                    seed=seed,
+                    step=step,
+                    stream=stream + (1 << 32),
+                    device=out.device,
+                )
+            )
 
 
 def clipped_linear_grad(
@@ -92,11 +101,25 @@ def clipped_linear_grad(
         from fastdp.kernels import clipped_grad_triton
 
         clipped_grad_triton.clipped_linear_grad(
-            activations, grad_outputs, scale, out, bias_out,
-            noise_std=noise_std, seed=seed, step=step, stream=stream,
+            activations,
+            grad_outputs,
+            scale,
+            out,
+            bias_out,
+            noise_std=noise_std,
+            seed=seed,
+            step=step,
+            stream=stream,
         )
         return
     clipped_linear_grad_torch(
-        activations, grad_outputs, scale, out, bias_out,
-        noise_std=noise_std, seed=seed, step=step, stream=stream,
+        activations,
+        grad_outputs,
+        scale,
+        out,
+        bias_out,
+        noise_std=noise_std,
+        seed=seed,
+        step=step,
+        stream=stream,
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from fastdp.kernels.dispatch import use_triton
 from fastdp.kernels.noise import gaussian_noise_torch
 

@@ -13,7 +13,6 @@ cached). This module holds the torch reference; the Triton kernels are added bes
 from __future__ import annotations
 
 import torch
-
 from fastdp.kernels.dispatch import use_triton
 
 METHODS = ("ghost", "direct")

@@ -1,0 +1,43 @@
+"""Host-side helpers shared by the Triton launchers (imported only where Triton runs)."""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    """The Triton element type of a supported torch float dtype."""
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(
+            f"the Triton kernels take float32, bfloat16 or float16 tensors, not {dtype}; "
+            "set FASTDP_BACKEND=torch for other dtypes"
+        ) from None
+
+
+def dot_dtype(*dtypes: torch.dtype) -> tl.dtype:
+    """Operand type of ``tl.dot``: the inputs' common half type, else float32."""
+    for dtype in dtypes:
+        tl_dtype(dtype)
+    if len(set(dtypes)) == 1:
+        return _TL_DTYPES[dtypes[0]]
+    return tl.float32
+
+
+def check_same_device(*tensors: torch.Tensor) -> torch.device:
+    device = tensors[0].device
+    for tensor in tensors[1:]:
+        if tensor.device != device:
+            raise ValueError(f"tensors on different devices: {device} and {tensor.device}")
+    return device
+
+
+def to_int64(value: int) -> int:
+    """A Python int as the signed 64-bit value Triton receives (keys are < 2**63)."""
+    if not 0 <= value < (1 << 63):
+        raise ValueError(f"key {value} does not fit a signed 64-bit integer")
+    return value
