@@ -1,0 +1,200 @@
+"""Clipping strategies: what happens to per-sample gradients during and after backward.
+
+- ``flat``: c_i = min(1, C / ||g_i||) from the norm over all layers; records are kept until
+  the end of backward, then every layer runs one clipped GEMM.
+- ``automatic``: c_i = C / (||g_i|| + gamma), gamma = 0.01 (normalised per-sample gradients).
+- ``per_layer``: layer l is clipped to its own threshold C_l inside backward and dropped.
+- ``none``: Noisy-SGD, no norms at all; each layer accumulates its plain sum inside backward.
+
+Every strategy drops samples whose gradient is NaN/Inf (their factor is 0 and their rows are
+zeroed before the GEMM, since 0 * NaN is NaN), and returns how many it dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fastdp.rules import Record, rule_for
+
+MODES = ("flat", "per_layer", "automatic", "none")
+AUTOMATIC_GAMMA = 0.01
+_EPS = 1e-6
+
+
+class ClippingStrategy:
+    """Interface. ``on_layer`` runs inside backward, ``on_backward_end`` after it."""
+
+    needs_norms = True
+
+    def on_layer(self, record: Record, tape) -> None:
+        raise NotImplementedError
+
+    def on_backward_end(self, tape) -> int:
+        return 0
+
+    def reset(self) -> None:
+        """Forget whatever the current backward pass left behind (after an error)."""
+
+
+class FlatClipping(ClippingStrategy):
+    """One threshold on the norm over all layers; clipped GEMMs after backward."""
+
+    def __init__(self, max_grad_norm: float) -> None:
+        self.max_grad_norm = max_grad_norm
+        self.records: list[Record] = []
+        self.norm_sq: torch.Tensor | None = None
+
+    def factors(self, norms: torch.Tensor) -> torch.Tensor:
+        return (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
+
+    def on_layer(self, record: Record, tape) -> None:
+        layer_norm_sq = rule_for(record.module).norm_sq(record)
+        self.norm_sq = layer_norm_sq if self.norm_sq is None else self.norm_sq + layer_norm_sq
+        self.records.append(record)
+
+    def on_backward_end(self, tape) -> int:
+        records, norm_sq = self.records, self.norm_sq
+        self.reset()
+        if not records:
+            return 0
+        norms = norm_sq.sqrt()
+        bad = ~torch.isfinite(norms)
+        dropped = int(bad.sum())
+        scale = torch.where(bad, torch.zeros_like(norms), self.factors(norms.nan_to_num(0.0)))
+        for record in records:
+            if dropped:
+                record.zero_samples(bad)
+            rule_for(record.module).accumulate(record, scale, tape.grads)
+        return dropped
+
+    def reset(self) -> None:
+        self.records, self.norm_sq = [], None
+
+
+class AutomaticClipping(FlatClipping):
+    """Automatic clipping (normalisation): c_i = C / (||g_i|| + gamma)."""
+
+    def __init__(self, max_grad_norm: float, gamma: float = AUTOMATIC_GAMMA) -> None:
+        super().__init__(max_grad_norm)
+        self.gamma = gamma
+
+    def factors(self, norms: torch.Tensor) -> torch.Tensor:
+        return self.max_grad_norm / (norms + self.gamma)
+
+
+class PerLayerClipping(ClippingStrategy):
+    """Each layer clipped to its own threshold inside backward; nothing is kept."""
+
+    def __init__(self, thresholds: dict[str, float]) -> None:
+        self.thresholds = thresholds
+        self.dropped: torch.Tensor | None = None
+
+    def on_layer(self, record: Record, tape) -> None:
+        rule = rule_for(record.module)
+        norms = rule.norm_sq(record).sqrt()
+        bad = ~torch.isfinite(norms)
+        threshold = self.thresholds[record.name]
+        scale = (threshold / (norms.nan_to_num(0.0) + _EPS)).clamp(max=1.0)
+        scale = torch.where(bad, torch.zeros_like(scale), scale)
+        if bool(bad.any()):
+            record.zero_samples(bad)
+        rule.accumulate(record, scale, tape.grads)
+        self.dropped = bad if self.dropped is None else self.dropped | bad
+
+    def on_backward_end(self, tape) -> int:
+        dropped = 0 if self.dropped is None else int(self.dropped.sum())
+        self.dropped = None
+        return dropped
+
+    def reset(self) -> None:
+        self.dropped = None
+
+
+class NoClipping(ClippingStrategy):
+    """Noisy-SGD: the plain per-layer sum, accumulated inside backward, no norms.
+
+    The sum goes to a scratch buffer first; only if it is not finite are the offending
+    samples located (per-sample finiteness of the saved tensors) and dropped.
+    """
+
+    needs_norms = False
+
+    def __init__(self) -> None:
+        self.dropped: torch.Tensor | None = None
+
+    def on_layer(self, record: Record, tape) -> None:
+        rule = rule_for(record.module)
+        scratch: dict = {}
+        rule.accumulate(record, None, scratch)
+        if all(bool(torch.isfinite(buf).all()) for buf in scratch.values()):
+            for param, buf in scratch.items():
+                _add_into(tape.grads, param, buf)
+            return
+        bad = ~record.per_sample_finite()
+        record.zero_samples(bad)
+        scale = (~bad).float()
+        rule.accumulate(record, scale, tape.grads)
+        self.dropped = bad if self.dropped is None else self.dropped | bad
+
+    def on_backward_end(self, tape) -> int:
+        dropped = 0 if self.dropped is None else int(self.dropped.sum())
+        self.dropped = None
+        return dropped
+
+    def reset(self) -> None:
+        self.dropped = None
+
+
+def _add_into(grads: dict, param, buf: torch.Tensor) -> None:
+    if param in grads:
+        grads[param].add_(buf)
+    else:
+        grads[param] = buf
+
+
+def make_strategy(
+    clipping: str,
+    max_grad_norm: float | Sequence[float],
+    layer_names: list[str],
+) -> ClippingStrategy:
+    """Build the strategy for ``clipping``; validates thresholds (clear errors)."""
+    if clipping not in MODES:
+        raise ValueError(f"unknown clipping mode {clipping!r}; use one of {', '.join(MODES)}")
+    if clipping == "none":
+        return NoClipping()
+    if clipping == "per_layer":
+        if isinstance(max_grad_norm, (int, float)):
+            _check_threshold(max_grad_norm)
+            each = float(max_grad_norm) / math.sqrt(max(len(layer_names), 1))
+            return PerLayerClipping({name: each for name in layer_names})
+        thresholds = [float(c) for c in max_grad_norm]
+        if len(thresholds) != len(layer_names):
+            raise ValueError(
+                f"clipping='per_layer' got {len(thresholds)} thresholds for {len(layer_names)} "
+                f"layers with trainable parameters ({', '.join(layer_names)}): give one per "
+                "layer, in that order, or a single float."
+            )
+        for c in thresholds:
+            _check_threshold(c)
+        return PerLayerClipping(dict(zip(layer_names, thresholds)))
+    if not isinstance(max_grad_norm, (int, float)):
+        raise ValueError(f"clipping={clipping!r} takes one max_grad_norm (a float)")
+    _check_threshold(max_grad_norm)
+    if clipping == "automatic":
+        return AutomaticClipping(float(max_grad_norm))
+    return FlatClipping(float(max_grad_norm))
+
+
+def _check_threshold(c: float) -> None:
+    if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+        raise ValueError(f"max_grad_norm must be a finite number > 0, got {c!r}")
+
+
+def total_clip_norm(clipping: str, max_grad_norm: float | Sequence[float]) -> float:
+    """The sensitivity C of the summed gradient (sqrt of the sum of squares for per_layer)."""
+    if isinstance(max_grad_norm, (int, float)):
+        return float(max_grad_norm)
+    return math.sqrt(sum(float(c) ** 2 for c in max_grad_norm))

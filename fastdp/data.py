@@ -1,0 +1,208 @@
+"""Logical batches (Poisson or fixed) delivered as memory-bounded physical micro-batches.
+
+The sample set of logical step t is a pure function of (seed, t): Poisson sampling draws the
+gaps between selected indices from a geometric law (exactly i.i.d. Bernoulli(q) membership,
+O(qN) work per step rather than O(N)); fixed batches come from a per-epoch permutation keyed
+by (seed, epoch). The loader's position is the optimizer's logical step counter, so a run
+restored from a checkpoint continues with the very batches the uninterrupted run would see.
+With torch.distributed every rank draws the same global sample set and keeps its own share
+(index % world_size == rank), so the union over ranks is the single-process batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data._utils.collate import default_collate
+
+from fastdp.kernels.noise import mix_key
+
+SAMPLING_STREAM = 1 << 40
+SHUFFLE_STREAM = 1 << 41
+
+
+def _generator(seed: int, counter: int, stream: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(mix_key(seed, counter, stream))
+    return generator
+
+
+def poisson_indices(num_samples: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
+    """Sorted int64 indices in [0, num_samples), each present independently with prob q.
+
+    Gaps between successive selected indices are i.i.d. Geometric(q) on {1, 2, ...}, drawn as
+    1 + floor(log(U) / log(1 - q)); equivalent to a Bernoulli(q) coin per index.
+    """
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if sample_rate == 1.0:
+        return torch.arange(num_samples)
+    generator = _generator(seed, step, SAMPLING_STREAM)
+    log_keep = math.log1p(-sample_rate)
+    expected = num_samples * sample_rate
+    chunk = int(expected + 6 * math.sqrt(expected + 1) + 16)
+    picked, position = [], -1
+    while position < num_samples:
+        u = torch.rand(chunk, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+        gaps = 1 + torch.floor(torch.log(u) / log_keep).to(torch.int64)
+        positions = position + torch.cumsum(gaps, 0)
+        picked.append(positions[positions < num_samples])
+        position = int(positions[-1])
+    return torch.cat(picked)
+
+
+def fixed_batches(
+    num_samples: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int, epoch: int
+) -> list[torch.Tensor]:
+    """The logical batches of one epoch without Poisson sampling (the loader's batches)."""
+    if shuffle:
+        order = torch.randperm(num_samples, generator=_generator(seed, epoch, SHUFFLE_STREAM))
+    else:
+        order = torch.arange(num_samples)
+    batches = list(order.split(batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+class _EmptyAwareCollate:
+    """The user's collate_fn, plus a correctly shaped empty batch for an empty index list."""
+
+    def __init__(self, dataset: Dataset, collate_fn) -> None:
+        self.dataset, self.collate_fn = dataset, collate_fn or default_collate
+
+    def __call__(self, samples: list):
+        if samples:
+            return self.collate_fn(samples)
+        template = self.collate_fn([self.dataset[0]])
+        return _take_none(template)
+
+
+def _take_none(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_take_none(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _take_none(v) for k, v in batch.items()}
+    raise TypeError(f"cannot build an empty batch from a collated {type(batch).__name__}")
+
+
+class DPDataLoader:
+    """Yields physical micro-batches of logical batches and tells the optimizer which
+    micro-batch closes each logical batch (``optimizer.signal_micro_batch``)."""
+
+    def __init__(
+        self,
+        data_loader: DataLoader,
+        optimizer,
+        *,
+        poisson_sampling: bool,
+        max_physical_batch_size: int | None,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        dataset = data_loader.dataset
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "make_private needs a map-style dataset (with __len__ and __getitem__) to "
+                "sample logical batches; an IterableDataset cannot be Poisson-sampled."
+            )
+        batch_size = data_loader.batch_size
+        if batch_size is None:
+            batch_size = getattr(data_loader.batch_sampler, "batch_size", None)
+        if not batch_size:
+            raise ValueError(
+                "the data loader has no batch_size: build it with DataLoader(dataset, "
+                "batch_size=<logical batch size>) so the sample rate q = batch_size / N is known."
+            )
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
+        self.original = data_loader
+        self.dataset = dataset
+        self.optimizer = optimizer
+        self.num_samples = len(dataset)
+        if self.num_samples == 0:
+            raise ValueError("the data loader's dataset is empty")
+        self.batch_size = int(batch_size)
+        self.sample_rate = min(1.0, self.batch_size / self.num_samples)
+        self.poisson_sampling = poisson_sampling
+        self.shuffle = isinstance(data_loader.sampler, RandomSampler)
+        self.drop_last = bool(data_loader.drop_last)
+        self.max_physical_batch_size = max_physical_batch_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.collate = _EmptyAwareCollate(dataset, data_loader.collate_fn)
+        self._epoch_cache: tuple[int, list[torch.Tensor]] | None = None
+
+    @property
+    def expected_batch_size(self) -> float:
+        """The normaliser of the noisy mean: q * N (Poisson) or the fixed logical batch."""
+        if self.poisson_sampling:
+            return self.sample_rate * self.num_samples
+        return float(self.batch_size)
+
+    @property
+    def logical_steps_per_epoch(self) -> int:
+        if self.poisson_sampling:
+            return max(1, round(1.0 / self.sample_rate))
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def logical_batch(self, step: int) -> torch.Tensor:
+        """Global indices of logical step ``step`` (all ranks)."""
+        if self.poisson_sampling:
+            return poisson_indices(self.num_samples, self.sample_rate, self.seed, step)
+        epoch, position = divmod(step, self.logical_steps_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            batches = fixed_batches(
+                self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch
+            )
+            self._epoch_cache = (epoch, batches)
+        return self._epoch_cache[1][position]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's share of logical step ``step``, split into physical micro-batches."""
+        indices = self.logical_batch(step)
+        if self.world_size > 1:
+            indices = indices[indices % self.world_size == self.rank]
+        size = self.max_physical_batch_size or max(len(indices), 1)
+        chunks = [c.tolist() for c in indices.split(size)] if len(indices) else []
+        return chunks or [[]]  # an empty logical batch still closes with one (empty) step
+
+    def __len__(self) -> int:
+        """Expected number of micro-batches in one epoch (for progress bars)."""
+        per_rank = self.expected_batch_size / self.world_size
+        per_step = max(1, math.ceil(per_rank / (self.max_physical_batch_size or per_rank or 1)))
+        return self.logical_steps_per_epoch * per_step
+
+    def __iter__(self) -> Iterator:
+        """The remaining logical batches of the current epoch, as micro-batches."""
+        steps = self.logical_steps_per_epoch
+        start = self.optimizer.logical_step
+        stop = (start // steps + 1) * steps
+        plan = [(t, self.micro_batches(t)) for t in range(start, stop)]
+        flat = [chunk for _, chunks in plan for chunk in chunks]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=flat,
+            collate_fn=self.collate,
+            num_workers=self.original.num_workers,
+            pin_memory=self.original.pin_memory,
+        )
+        batches = iter(loader)
+        for t, chunks in plan:
+            for j in range(len(chunks)):
+                if self.optimizer.logical_step != t:
+                    raise RuntimeError(
+                        f"logical step {t} expected, but the optimizer is at "
+                        f"{self.optimizer.logical_step}: call optimizer.step() exactly once "
+                        "after every micro-batch the private loader yields."
+                    )
+                batch = next(batches)
+                self.optimizer.signal_micro_batch(is_last=j == len(chunks) - 1)
+                yield batch

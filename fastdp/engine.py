@@ -1,0 +1,269 @@
+"""PrivacyEngine: the Opacus-style entry point (make_private, accounting, checkpoints)."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fastdp import checkpoint
+from fastdp.accounting import make_accountant, noise_for_epsilon
+from fastdp.clipping import MODES, make_strategy, total_clip_norm
+from fastdp.data import DPDataLoader
+from fastdp.optimizer import DPOptimizer
+from fastdp.rules import registered_types, rule_for
+from fastdp.tape import Tape, handled_layers
+
+
+class PrivacyEngine:
+    """Makes a model, optimizer and data loader private and tracks the privacy spent."""
+
+    def __init__(self, accountant: str = "prv") -> None:
+        self.accountant_name = accountant
+        self.accountant = make_accountant(accountant)
+        self.noise_multiplier: float | None = None
+        self.sample_rate: float | None = None
+        self.clipping: str | None = None
+        self.module: nn.Module | None = None
+        self.optimizer: DPOptimizer | None = None
+        self.data_loader: DPDataLoader | None = None
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float | Sequence[float] | None,
+        clipping: str = "flat",
+        poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
+        seed: int | None = None,
+        loss_reduction: str = "mean",
+    ) -> tuple[nn.Module, DPOptimizer, DPDataLoader]:
+        """Return (module, private optimizer, private loader); the module is modified in
+        place and keeps its own parameter tensors.
+
+        ``noise_multiplier`` sigma: the noise on the clipped sum has std sigma * C, C the
+        (total) clip norm; with clipping="none" (Noisy-SGD) C defaults to 1 so the std is sigma.
+        """
+        if self.module is not None:
+            raise RuntimeError("this PrivacyEngine already made a model private; use a new one")
+        _check_not_ddp(module)
+        if clipping not in MODES:
+            raise ValueError(f"unknown clipping mode {clipping!r}; use one of {', '.join(MODES)}")
+        if not (
+            isinstance(noise_multiplier, (int, float))
+            and math.isfinite(noise_multiplier)
+            and noise_multiplier >= 0
+        ):
+            raise ValueError(
+                f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}"
+            )
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if max_grad_norm is None:
+            if clipping != "none":
+                raise ValueError(f"clipping={clipping!r} needs a max_grad_norm > 0")
+            max_grad_norm = 1.0
+        layers = handled_layers(module)
+        check_model(module)
+        params = _optimizer_params(module, optimizer)
+        strategy = make_strategy(clipping, max_grad_norm, [name for name, _ in layers])
+
+        rank, world_size = _distributed()
+        seed = _shared_seed(seed, world_size)
+        tape = Tape(strategy, loss_reduction, grads={})
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            tape=tape,
+            params=params,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=total_clip_norm(clipping, max_grad_norm),
+            expected_batch_size=1.0,  # set from the loader below
+            loss_reduction=loss_reduction,
+            seed=seed,
+        )
+        loader = DPDataLoader(
+            data_loader,
+            dp_optimizer,
+            poisson_sampling=poisson_sampling,
+            max_physical_batch_size=max_physical_batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        dp_optimizer.expected_batch_size = loader.expected_batch_size
+        tape.attach(module)
+
+        self.noise_multiplier = float(noise_multiplier)
+        self.sample_rate = loader.sample_rate
+        self.clipping = clipping
+        self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
+        dp_optimizer.step_hooks.append(self._account_step)
+        return module, dp_optimizer, loader
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float | Sequence[float],
+        **kwargs,
+    ) -> tuple[nn.Module, DPOptimizer, DPDataLoader]:
+        """make_private with sigma calibrated so that ``epochs`` epochs spend target_epsilon."""
+        if kwargs.get("clipping") == "none":
+            raise ValueError("clipping='none' (Noisy-SGD) has no privacy guarantee to calibrate")
+        batch_size = data_loader.batch_size
+        if not batch_size:
+            raise ValueError("the data loader needs a batch_size to derive the sample rate")
+        sample_rate = min(1.0, batch_size / len(data_loader.dataset))
+        steps = int(epochs) * max(1, round(1.0 / sample_rate))
+        sigma = noise_for_epsilon(
+            target_epsilon, target_delta, sample_rate, steps, self.accountant_name
+        )
+        return self.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
+        )
+
+    def _account_step(self, optimizer: DPOptimizer) -> None:
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first step; inf for Noisy-SGD or
+        sigma = 0, which carry no guarantee)."""
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if not self.accountant.history:
+            return 0.0
+        if self.clipping == "none" or not self.noise_multiplier:
+            return math.inf
+        return float(self.accountant.get_epsilon(delta=delta))
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(
+        self, *, path, module: nn.Module, optimizer: DPOptimizer | None = None, **extra
+    ) -> None:
+        """Atomically write model, optimizer, accountant and step counters to ``path``."""
+        checkpoint.save(self, path=path, module=module, optimizer=optimizer, **extra)
+
+    def load_checkpoint(
+        self, *, path, module: nn.Module, optimizer: DPOptimizer | None = None
+    ) -> dict:
+        """Restore what ``save_checkpoint`` wrote; returns the extra entries it carried."""
+        return checkpoint.load(self, path=path, module=module, optimizer=optimizer)
+
+
+# ---- checks -------------------------------------------------------------------------------
+def _check_not_ddp(module: nn.Module) -> None:
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "the module is wrapped in DistributedDataParallel. DDP all-reduces the ordinary, "
+            "unclipped gradients, which breaks differential privacy. Pass the bare model: "
+            "fastdp detects the process group itself, clips each rank's samples and all-reduces "
+            "the clipped sums once per logical step."
+        )
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse what fastdp cannot make private, naming the module and the fix."""
+    owner: dict[int, str] = {}
+    seen_modules: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        display = name or type(module).__name__
+        if id(module) in seen_modules and any(p.requires_grad for p in module.parameters()):
+            raise ValueError(
+                f"module '{display}' is the same object as '{seen_modules[id(module)]}': a "
+                "shared layer gets two per-sample contributions that fastdp cannot clip "
+                "jointly. Use separate modules (or freeze the shared one)."
+            )
+        seen_modules.setdefault(id(module), display)
+        own = {k: p for k, p in module._parameters.items() if p is not None and p.requires_grad}
+        for pname, param in own.items():
+            if id(param) in owner and owner[id(param)] != display:
+                raise ValueError(
+                    f"parameter '{display}.{pname}' is shared with '{owner[id(param)]}' "
+                    "(weight tying). Per-sample gradients of a shared parameter span two "
+                    "layers and fastdp does not combine them: untie the weights or freeze them."
+                )
+            owner[id(param)] = display
+        if not own:
+            continue
+        rule = rule_for(module)
+        kind = type(module).__name__
+        if rule is None:
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(
+                    f"module '{display}' ({kind}) mixes samples through batch statistics, so "
+                    "per-sample gradients do not exist. Replace it with nn.GroupNorm (or "
+                    "LayerNorm), e.g. nn.GroupNorm(min(32, C), C)."
+                )
+            supported = ", ".join(sorted({t.__name__ for t in registered_types()}))
+            raise ValueError(
+                f"module '{display}' ({kind}) has trainable parameters but no per-sample rule "
+                f"(supported: {supported}). Rebuild it from supported layers or freeze it "
+                "with requires_grad_(False)."
+            )
+        extra = set(own) - {"weight", "bias"}
+        if extra:
+            raise ValueError(
+                f"module '{display}' ({kind}) has trainable parameters {sorted(extra)} that "
+                f"the {kind} rule does not cover: freeze them or move them into a supported layer."
+            )
+
+
+def _optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    model_params = {id(p) for p in model.parameters() if p.requires_grad}
+    params = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            if id(p) not in model_params:
+                raise ValueError(
+                    "the optimizer holds a trainable parameter that is not in the module: "
+                    "build the optimizer from module.parameters()."
+                )
+            params.append(p)
+    if not params:
+        raise ValueError("the optimizer has no trainable parameters of the module")
+    return params
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shared_seed(seed: int | None, world_size: int) -> int:
+    """The user's seed, or one from OS entropy; with several ranks, rank 0's for all."""
+    if seed is None:
+        seed = secrets.randbits(62)
+        if world_size > 1:
+            box = [seed]
+            dist.broadcast_object_list(box, src=0)
+            seed = box[0]
+    elif world_size > 1:
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] != seed:
+            warnings.warn("ranks passed different seeds; rank 0's seed is used", stacklevel=3)
+            seed = box[0]
+    return int(seed)

@@ -1,0 +1,137 @@
+"""The rule interface, the per-call record and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[type[nn.Module], LayerRule] = {}
+
+
+@dataclass
+class Record:
+    """What one call of a handled layer leaves for its per-sample gradients.
+
+    ``saved`` holds batch-first tensors from the forward (activations, normalised inputs,
+    token ids); ``grad_output`` is G, the gradient of the loss with respect to the layer's
+    output, batch-first; ``grad_scale`` turns G into per-sample gradients (the physical
+    batch size under a mean-reduced loss, 1 under a sum).
+    """
+
+    module: nn.Module
+    name: str
+    saved: dict[str, torch.Tensor]
+    grad_output: torch.Tensor | None = None
+    grad_scale: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.grad_output.shape[0]
+
+    def per_sample_finite(self) -> torch.Tensor:
+        """(B,) bool: True where every saved float tensor and G are finite for that sample."""
+        ok = torch.isfinite(self.grad_output).flatten(1).all(1)
+        for tensor in self.saved.values():
+            if tensor.is_floating_point():
+                ok &= torch.isfinite(tensor).flatten(1).all(1)
+        return ok
+
+    def zero_samples(self, drop: torch.Tensor) -> None:
+        """Replace the saved tensors and G of the samples in ``drop`` (B,) bool by zeros."""
+        keep = ~drop
+
+        def masked(t: torch.Tensor) -> torch.Tensor:
+            shape = (-1,) + (1,) * (t.dim() - 1)
+            return torch.where(keep.view(shape), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+        self.grad_output = masked(self.grad_output)
+        self.saved = {k: masked(t) if t.is_floating_point() else t for k, t in self.saved.items()}
+
+
+class LayerRule:
+    """Base class of the per-layer rules; subclasses implement the three methods."""
+
+    def forward(self, module: nn.Module, *args, **kwargs) -> tuple[torch.Tensor, dict]:
+        """Run the layer with detached parameters; return (output, saved tensors)."""
+        raise NotImplementedError
+
+    def norm_sq(self, record: Record) -> torch.Tensor:
+        """(B,) float32 squared norms of the per-sample gradients of the trainable params."""
+        raise NotImplementedError
+
+    def accumulate(
+        self,
+        record: Record,
+        scale: torch.Tensor | None,
+        grads: dict[nn.Parameter, torch.Tensor],
+    ) -> None:
+        """grads[p] += sum_i scale_i * grad_i(p) for the trainable params (float32 buffers)."""
+        raise NotImplementedError
+
+
+def trainable(module: nn.Module, name: str) -> nn.Parameter | None:
+    """``module.<name>`` if it is a parameter that requires grad, else None."""
+    param = getattr(module, name, None)
+    if isinstance(param, nn.Parameter) and param.requires_grad:
+        return param
+    return None
+
+
+def detached(param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else param.detach()
+
+
+def buffer_for(grads: dict[nn.Parameter, torch.Tensor], param: nn.Parameter) -> torch.Tensor:
+    """The float32 accumulator of ``param`` (created on first use)."""
+    buf = grads.get(param)
+    if buf is None:
+        buf = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        grads[param] = buf
+    return buf
+
+
+def effective_scale(record: Record, scale: torch.Tensor | None) -> torch.Tensor:
+    """(B,) float32: the clip factors times the loss-reduction factor (ones if no clipping)."""
+    grad_output = record.grad_output
+    if scale is None:
+        return torch.full(
+            (grad_output.shape[0],),
+            record.grad_scale,
+            dtype=torch.float32,
+            device=grad_output.device,
+        )
+    return scale.float() * record.grad_scale
+
+
+def register_rule(*module_types: type[nn.Module]):
+    """Class decorator: register one rule instance for the given module types."""
+
+    def wrap(cls: type[LayerRule]) -> type[LayerRule]:
+        instance = cls()
+        for module_type in module_types:
+            _REGISTRY[module_type] = instance
+        return cls
+
+    return wrap
+
+
+def rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule for ``module``'s exact type, else for a registered base class.
+
+    A subclass inherits its base's rule only if it does not override ``forward``: a rule
+    replays the base layer's computation, which a custom forward may not match.
+    """
+    rule = _REGISTRY.get(type(module))
+    if rule is not None:
+        return rule
+    for klass in type(module).__mro__[1:]:
+        if klass in _REGISTRY and type(module).forward is klass.forward:
+            return _REGISTRY[klass]
+    return None
+
+
+def registered_types() -> tuple[type[nn.Module], ...]:
+    return tuple(_REGISTRY)

@@ -1,0 +1,111 @@
+"""nn.Conv1d and nn.Conv2d with any stride, padding (numbers, 'same', 'valid', any padding
+mode), dilation and groups.
+
+Norms go through the unfolded view: per group, A_i is (L, C_in/groups * k) and G_i is
+(L, C_out/groups), which is a linear map over L positions, so the ghost/direct choice of the
+linear rule applies unchanged (groups are folded into the batch axis). The clipped weight
+gradient is the ordinary convolution weight gradient of the row-scaled G: one GEMM-like call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdp.kernels.per_sample_norm import per_sample_norm_sq
+from fastdp.rules.base import (
+    LayerRule,
+    Record,
+    buffer_for,
+    detached,
+    effective_scale,
+    register_rule,
+    trainable,
+)
+
+
+def padded_input(module: nn.Conv1d | nn.Conv2d, input: torch.Tensor) -> torch.Tensor:
+    """The input with the module's padding applied explicitly (so later ops use padding 0)."""
+    pad = module._reversed_padding_repeated_twice
+    if not any(pad):
+        return input
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(input, pad, mode=mode)
+
+
+def _as_2d(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor):
+    """Conv1d viewed as a Conv2d of height 1: (x, kernel, stride, dilation) in 2-D form."""
+    if isinstance(module, nn.Conv1d):
+        return (
+            x.unsqueeze(2),
+            (1, module.kernel_size[0]),
+            (1, module.stride[0]),
+            (1, module.dilation[0]),
+        )
+    return x, module.kernel_size, module.stride, module.dilation
+
+
+def unfolded(module: nn.Conv1d | nn.Conv2d, x_padded: torch.Tensor) -> torch.Tensor:
+    """(B * groups, L, C_in/groups * prod(kernel)): each sample-group as a linear map's input."""
+    x2d, kernel, stride, dilation = _as_2d(module, x_padded)
+    cols = F.unfold(x2d, kernel, dilation=dilation, stride=stride)  # (B, C_in * k, L)
+    batch, _, length = cols.shape
+    groups = module.groups
+    cols = cols.view(batch, groups, -1, length).transpose(2, 3)
+    return cols.reshape(batch * groups, length, -1)
+
+
+def grouped_grad_output(module: nn.Conv1d | nn.Conv2d, grad_output: torch.Tensor) -> torch.Tensor:
+    """(B * groups, L, C_out/groups) from G of shape (B, C_out, *spatial)."""
+    batch, channels = grad_output.shape[:2]
+    groups = module.groups
+    g = grad_output.reshape(batch, groups, channels // groups, -1).transpose(2, 3)
+    return g.reshape(batch * groups, -1, channels // groups)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+class ConvRule(LayerRule):
+    def forward(self, module, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        output = module._conv_forward(input, module.weight.detach(), detached(module.bias))
+        return output, {"input": input.detach()}
+
+    def norm_sq(self, record: Record) -> torch.Tensor:
+        module = record.module
+        grad_output = record.grad_output
+        batch = grad_output.shape[0]
+        norms = torch.zeros(batch, dtype=torch.float32, device=grad_output.device)
+        if trainable(module, "weight") is not None:
+            cols = unfolded(module, padded_input(module, record.saved["input"]))
+            per_group = per_sample_norm_sq(cols, grouped_grad_output(module, grad_output))
+            norms += per_group.view(batch, module.groups).sum(1)
+        if trainable(module, "bias") is not None:
+            norms += grad_output.float().flatten(2).sum(2).square().sum(1)
+        return norms * record.grad_scale**2
+
+    def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
+        module = record.module
+        weight, bias = trainable(module, "weight"), trainable(module, "bias")
+        factors = effective_scale(record, scale)
+        shape = (-1,) + (1,) * (record.grad_output.dim() - 1)
+        grad_output = record.grad_output.float() * factors.view(shape)
+        if weight is not None:
+            x = padded_input(module, record.saved["input"]).float()
+            grad_fn = (
+                torch.nn.grad.conv1d_weight
+                if isinstance(module, nn.Conv1d)
+                else (torch.nn.grad.conv2d_weight)
+            )
+            buffer_for(grads, weight).add_(
+                grad_fn(
+                    x,
+                    weight.shape,
+                    grad_output,
+                    stride=module.stride,
+                    padding=0,
+                    dilation=module.dilation,
+                    groups=module.groups,
+                )
+            )
+        if bias is not None:
+            buffer_for(grads, bias).add_(grad_output.flatten(2).sum((0, 2)))

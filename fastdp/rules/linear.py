@@ -1,0 +1,84 @@
+"""nn.Linear on inputs of any rank (B, ..., d): the positions between B and d form T."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdp.kernels.clipped_grad import clipped_linear_grad
+from fastdp.kernels.per_sample_norm import per_sample_norm_sq
+from fastdp.rules.base import (
+    LayerRule,
+    Record,
+    buffer_for,
+    detached,
+    effective_scale,
+    register_rule,
+    trainable,
+)
+
+
+def as_btd(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ..., d) -> (B, T, d) with T the product of the middle dimensions (1 for 2-D)."""
+    if tensor.dim() < 2:
+        raise ValueError(f"expected a batch-first tensor with >= 2 dims, got {tuple(tensor.shape)}")
+    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+
+
+def linear_norm_sq(
+    activations: torch.Tensor, grad_outputs: torch.Tensor, weight: bool, bias: bool
+) -> torch.Tensor:
+    """(B,) float32 squared per-sample norms of a linear map's weight and/or bias gradients.
+
+    A: (B, T, d), G: (B, T, p). Weight: ghost or direct, whichever is cheaper for these shapes;
+    bias: ||sum_t g_t||^2.
+    """
+    norms = torch.zeros(grad_outputs.shape[0], dtype=torch.float32, device=grad_outputs.device)
+    if weight:
+        norms += per_sample_norm_sq(activations, grad_outputs)
+    if bias:
+        norms += grad_outputs.float().sum(1).square().sum(1)
+    return norms
+
+
+def linear_accumulate(
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    scale: torch.Tensor,
+    weight_buf: torch.Tensor | None,
+    bias_buf: torch.Tensor | None,
+) -> None:
+    """weight_buf += sum_i scale_i G_i^T A_i; bias_buf += sum_i scale_i sum_t g_it."""
+    if weight_buf is not None:
+        clipped_linear_grad(activations, grad_outputs, scale, weight_buf, bias_buf)
+    elif bias_buf is not None:
+        bias_buf.add_(torch.einsum("b,bp->p", scale, grad_outputs.float().sum(1)))
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    def forward(self, module: nn.Linear, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        output = F.linear(input, module.weight.detach(), detached(module.bias))
+        return output, {"activations": input.detach()}
+
+    def norm_sq(self, record: Record) -> torch.Tensor:
+        module = record.module
+        norms = linear_norm_sq(
+            as_btd(record.saved["activations"]),
+            as_btd(record.grad_output),
+            weight=trainable(module, "weight") is not None,
+            bias=trainable(module, "bias") is not None,
+        )
+        return norms * record.grad_scale**2
+
+    def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
+        module = record.module
+        weight, bias = trainable(module, "weight"), trainable(module, "bias")
+        linear_accumulate(
+            as_btd(record.saved["activations"]),
+            as_btd(record.grad_output),
+            effective_scale(record, scale),
+            buffer_for(grads, weight) if weight is not None else None,
+            buffer_for(grads, bias) if bias is not None else None,
+        )

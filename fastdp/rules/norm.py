@@ -1,0 +1,100 @@
+"""LayerNorm, GroupNorm and RMSNorm: per-sample gradients are small vectors, materialised.
+
+Each layer is computed as x_hat * weight + bias with x_hat the parameter-free normalisation,
+so autograd differentiates through x_hat only; the per-sample weight gradient is the sum of
+G * x_hat over the non-parameter positions, the bias gradient the sum of G.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastdp.rules.base import (
+    LayerRule,
+    Record,
+    buffer_for,
+    effective_scale,
+    register_rule,
+    trainable,
+)
+
+
+def _per_sample_affine_grads(record: Record) -> dict[str, torch.Tensor]:
+    """{'weight': (B, *param_shape), 'bias': ...} float32 per-sample gradients."""
+    module = record.module
+    g = record.grad_output.float()
+    x_hat = record.saved["x_hat"].float()
+    batch = g.shape[0]
+    if isinstance(module, nn.GroupNorm):
+        channels = module.num_channels
+        g = g.reshape(batch, channels, -1)
+        x_hat = x_hat.reshape(batch, channels, -1)
+        reduce_dims = (2,)
+    else:  # LayerNorm / RMSNorm: parameters cover the trailing normalized_shape
+        size = x_hat.shape[x_hat.dim() - len(module.normalized_shape) :].numel()
+        g = g.reshape(batch, -1, size)
+        x_hat = x_hat.reshape(batch, -1, size)
+        reduce_dims = (1,)
+    grads = {}
+    if trainable(module, "weight") is not None:
+        grads["weight"] = (g * x_hat).sum(reduce_dims)
+    if trainable(module, "bias") is not None:
+        grads["bias"] = g.sum(reduce_dims)
+    return grads
+
+
+class AffineNormRule(LayerRule):
+    def normalise(self, module: nn.Module, input: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def affine_shape(self, module: nn.Module, input: torch.Tensor) -> tuple[int, ...]:
+        return tuple(module.normalized_shape)
+
+    def forward(self, module: nn.Module, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x_hat = self.normalise(module, input)
+        output = x_hat
+        shape = self.affine_shape(module, input)
+        if getattr(module, "weight", None) is not None:
+            output = output * module.weight.detach().view(shape)
+        if getattr(module, "bias", None) is not None:
+            output = output + module.bias.detach().view(shape)
+        return output, {"x_hat": x_hat.detach()}
+
+    def norm_sq(self, record: Record) -> torch.Tensor:
+        norms = torch.zeros(
+            record.grad_output.shape[0], dtype=torch.float32, device=record.grad_output.device
+        )
+        for grad in _per_sample_affine_grads(record).values():
+            norms += grad.flatten(1).square().sum(1)
+        return norms * record.grad_scale**2
+
+    def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
+        factors = effective_scale(record, scale)
+        for name, per_sample in _per_sample_affine_grads(record).items():
+            param = getattr(record.module, name)
+            buffer_for(grads, param).add_(torch.einsum("b,b...->...", factors, per_sample))
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(AffineNormRule):
+    def normalise(self, module: nn.LayerNorm, input: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(input, module.normalized_shape, None, None, module.eps)
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(AffineNormRule):
+    def normalise(self, module: nn.GroupNorm, input: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(input, module.num_groups, None, None, module.eps)
+
+    def affine_shape(self, module: nn.GroupNorm, input: torch.Tensor) -> tuple[int, ...]:
+        return (1, module.num_channels) + (1,) * (input.dim() - 2)
+
+
+if hasattr(nn, "RMSNorm"):
+
+    @register_rule(nn.RMSNorm)
+    class RMSNormRule(AffineNormRule):
+        def normalise(self, module: nn.RMSNorm, input: torch.Tensor) -> torch.Tensor:
+            return F.rms_norm(input, module.normalized_shape, None, module.eps)

@@ -1,0 +1,179 @@
+"""The tape: routes handled layers through their rules and collects backward records.
+
+``Tape.attach(model)`` replaces the forward of every layer that has trainable parameters by
+its rule's forward (parameters detached, so autograd computes input gradients only) followed
+by a ``_Tap``: an identity whose backward hands the output gradient G to the clipping
+strategy. At the end of each backward pass (an autograd engine callback) the strategy
+finishes the pass, e.g. flat clipping forms the clip factors and runs the clipped GEMMs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from fastdp.clipping import ClippingStrategy
+from fastdp.rules import Record, rule_for
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the layer output; backward reports G to the tape.
+
+    The layer's parameters are inputs so that the output requires grad even when the layer
+    input does not (first layer, embeddings); their gradient is reported as None.
+    """
+
+    @staticmethod
+    def forward(ctx, tape: Tape, record: Record, output: torch.Tensor, *params):
+        ctx.tape, ctx.record, ctx.n_params = tape, record, len(params)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        ctx.tape.on_backward(ctx.record, grad_output)
+        ctx.record = None
+        return (None, None, grad_output) + (None,) * ctx.n_params
+
+
+class Tape:
+    """Owns the per-layer bookkeeping of one private model."""
+
+    def __init__(self, strategy: ClippingStrategy, loss_reduction: str, grads: dict) -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.strategy = strategy
+        self.loss_reduction = loss_reduction
+        self.grads = grads  # param -> float32 sum of clipped per-sample gradients
+        self.layers: list[tuple[str, nn.Module]] = []
+        self.dropped = 0  # samples dropped for non-finite gradients since the last step
+        self.invalid_reason: str | None = None
+        self._root: nn.Module | None = None
+        self._root_hook = None
+        self._pass_calls: dict[nn.Module, int] = {}
+        self._pass_batch: tuple[str, int] | None = None
+        self._backward_batch: tuple[str, int] | None = None
+        self._backward_seen: set[int] = set()
+        self._callback_queued = False
+
+    # ---- attaching ----------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Route every handled layer of ``model`` through its rule (model checked already)."""
+        for display, module in handled_layers(model):
+            module.forward = _RoutedForward(self, module, display, rule_for(module))
+            self.layers.append((display, module))
+        self._root = model
+        self._root_hook = model.register_forward_pre_hook(self._start_pass)
+
+    def detach(self) -> None:
+        """Restore the layers' own forwards."""
+        for _, module in self.layers:
+            if isinstance(module.__dict__.get("forward"), _RoutedForward):
+                del module.forward
+        if self._root_hook is not None:
+            self._root_hook.remove()
+        self.layers.clear()
+
+    # ---- forward --------------------------------------------------------------------------
+    def _start_pass(self, module, args) -> None:
+        self._pass_calls.clear()
+        self._pass_batch = None
+
+    def on_forward(self, name: str, module: nn.Module, batch: int) -> None:
+        calls = self._pass_calls.get(module, 0)
+        if calls:
+            raise RuntimeError(
+                f"module '{name}' ({type(module).__name__}) was called twice in one forward "
+                "pass. fastdp computes per-sample gradients per layer call; reusing a layer "
+                "(or sharing its parameters) would give wrong per-sample norms. Use a separate "
+                "module for each use."
+            )
+        self._pass_calls[module] = 1
+        if self._pass_batch is None:
+            self._pass_batch = (name, batch)
+        elif self._pass_batch[1] != batch:
+            raise _batch_mismatch(self._pass_batch, (name, batch))
+
+    # ---- backward -------------------------------------------------------------------------
+    def on_backward(self, record: Record, grad_output: torch.Tensor) -> None:
+        record.grad_output = grad_output
+        batch = grad_output.shape[0]
+        record.grad_scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._callback_queued = True
+            self._backward_batch = (record.name, batch)
+            self._backward_seen.clear()
+        if id(record.module) in self._backward_seen:
+            self._fail(
+                f"module '{record.name}' appeared twice in one backward pass (two forward "
+                "passes with one backward?). Call backward once per forward pass."
+            )
+        self._backward_seen.add(id(record.module))
+        if self._backward_batch[1] != batch:
+            self._fail(str(_batch_mismatch(self._backward_batch, (record.name, batch))))
+        self.strategy.on_layer(record, self)
+
+    def _end_backward(self) -> None:
+        self._callback_queued = False
+        self._backward_seen.clear()
+        dropped = self.strategy.on_backward_end(self)
+        if dropped:
+            self.dropped += dropped
+            warnings.warn(
+                f"fastdp: {dropped} sample(s) had a non-finite (NaN/Inf) per-sample gradient "
+                "and were dropped: they contribute zero to this step.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _fail(self, message: str) -> None:
+        self.strategy.reset()
+        self.invalid_reason = message
+        raise RuntimeError(message)
+
+    def layer_names(self) -> list[str]:
+        return [name for name, _ in self.layers]
+
+
+def _batch_mismatch(first: tuple[str, int], other: tuple[str, int]) -> ValueError:
+    return ValueError(
+        f"module '{other[0]}' saw a batch dimension of {other[1]} while '{first[0]}' saw "
+        f"{first[1]} in the same pass. A layer whose parameter is used without the batch "
+        "dimension (e.g. a positional embedding called on arange(T) and broadcast over the "
+        "batch) has no per-sample gradient: call it on a batch-first input, e.g. "
+        "positions.expand(B, T)."
+    )
+
+
+class _RoutedForward:
+    """Instance-level forward of a handled layer: rule forward + tap (or the plain forward
+    when autograd is off, e.g. evaluation under torch.no_grad())."""
+
+    def __init__(self, tape: Tape, module: nn.Module, name: str, rule) -> None:
+        self.tape, self.name, self.rule = tape, name, rule
+        self.module_ref = module
+        self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+    def __call__(self, *args, **kwargs):
+        module = self.module_ref
+        if not torch.is_grad_enabled():
+            return type(module).forward(module, *args, **kwargs)
+        output, saved = self.rule.forward(module, *args, **kwargs)
+        self.tape.on_forward(self.name, module, output.shape[0])
+        record = Record(module=module, name=self.name, saved=saved)
+        return _Tap.apply(self.tape, record, output, *self.params)
+
+
+def handled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module owning trainable parameters directly, in model order:
+    the layers fastdp routes, and the 'layers' of per_layer clipping."""
+    return [
+        (name or type(module).__name__, module)
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+
+
+__all__ = ["Tape", "handled_layers"]
