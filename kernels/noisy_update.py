@@ -9,8 +9,6 @@ module holds the torch reference; the Triton kernel is added beside it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from fastdp.kernels.dispatch import use_triton
 from fastdp.kernels.noise import gaussian_noise_torch
@@ -101,7 +99,7 @@ def noisy_adamw_update_torch(
         p.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)  # as torch.optim.AdamW
         p.addcdiv_(m, denom, value=-lr / bias_correction1)
 
 
