@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import triton.language as tl
+from fastdp.kernels.dispatch import interpreter_enabled
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -20,10 +21,14 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 def dot_dtype(*dtypes: torch.dtype) -> tl.dtype:
-    """Operand type of ``tl.dot``: the inputs' common half type, else float32."""
+    """Operand type of ``tl.dot``: the inputs' common half type, else float32.
+
+    Under the interpreter always float32: its ``tl.dot`` on bfloat16 operands returns garbage
+    (Triton 3.9), and float32 products of bfloat16 values are exact, as on tensor cores.
+    """
     for dtype in dtypes:
         tl_dtype(dtype)
-    if len(set(dtypes)) == 1:
+    if len(set(dtypes)) == 1 and not interpreter_enabled():
         return _TL_DTYPES[dtypes[0]]
     return tl.float32
 
