@@ -113,7 +113,8 @@ class Tape:
         self._backward_seen.add(id(record.module))
         if self._backward_batch[1] != batch:
             self._fail(str(_batch_mismatch(self._backward_batch, (record.name, batch))))
-        self.strategy.on_layer(record, self)
+        if batch:  # an empty (Poisson) micro-batch contributes nothing; the noise comes at step
+            self.strategy.on_layer(record, self)
 
     def _end_backward(self) -> None:
         self._callback_queued = False

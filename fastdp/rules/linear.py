@@ -23,7 +23,8 @@ def as_btd(tensor: torch.Tensor) -> torch.Tensor:
     """(B, ..., d) -> (B, T, d) with T the product of the middle dimensions (1 for 2-D)."""
     if tensor.dim() < 2:
         raise ValueError(f"expected a batch-first tensor with >= 2 dims, got {tuple(tensor.shape)}")
-    return tensor.reshape(tensor.shape[0], -1, tensor.shape[-1])
+    n_tokens = tensor.shape[1:-1].numel()
+    return tensor.reshape(tensor.shape[0], n_tokens, tensor.shape[-1])
 
 
 def linear_norm_sq(
