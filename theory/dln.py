@@ -145,29 +145,37 @@ def solve_mirror_problem(
     ||y||_inf; a nonzero ``shift`` gives the "shifted start" problems of Propositions 2-3.
     """
     n, d = X.shape
-    a2 = np.broadcast_to(np.asarray(alpha, dtype=float) ** 2, (d,))
+    # log(alpha^2): alpha_inf can be far below 1e-150, so alpha^2 cosh(4u) is formed as
+    # (exp(log a2 + 4u) + exp(log a2 - 4u)) / 2, which stays finite where cosh alone overflows.
+    log_a2 = np.broadcast_to(2.0 * np.log(np.asarray(alpha, dtype=float)), (d,))
     c = np.zeros(d) if shift is None else np.asarray(shift, dtype=float)
     scale = max(float(np.max(np.abs(y))), 1e-300)
 
-    def dual_value(lam: np.ndarray) -> float:
+    def parts(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         u = X.T @ lam + c
         with np.errstate(over="ignore"):  # an overflowing trial point is simply rejected
-            return float(np.sum(0.5 * a2 * np.cosh(4.0 * u)) - lam @ y)
+            return np.exp(log_a2 + 4.0 * u), np.exp(log_a2 - 4.0 * u)
+
+    def dual_value(lam: np.ndarray) -> float:
+        e_plus, e_minus = parts(lam)
+        return float(np.sum(e_plus + e_minus) / 4.0 - lam @ y)
 
     lam = np.zeros(n)
     for iteration in range(1, max_iter + 1):
-        u = X.T @ lam + c
-        beta = 2.0 * a2 * np.sinh(4.0 * u)
+        e_plus, e_minus = parts(lam)
+        beta = e_plus - e_minus  # 2 alpha^2 sinh(4u)
         grad = X @ beta - y
         if np.max(np.abs(grad)) <= tol * scale:
             return MirrorSolution(beta, lam, float(np.max(np.abs(grad))), iteration)
-        hess = (X * (8.0 * a2 * np.cosh(4.0 * u))) @ X.T
+        hess = (X * (4.0 * (e_plus + e_minus))) @ X.T  # X diag(8 alpha^2 cosh(4u)) X^T
         hess += 1e-14 * np.trace(hess) / n * np.eye(n)
         step = scipy.linalg.solve(hess, grad, assume_a="pos")
         value, slope, t = dual_value(lam), float(grad @ step), 1.0
         slack = 1e-13 * abs(value)  # D is only known to rounding error near the optimum
-        while dual_value(lam - t * step) > value - 0.25 * t * slope + slack and t > 1e-12:
+        while dual_value(lam - t * step) > value - 0.25 * t * slope + slack:
             t *= 0.5
+            if t < 1e-14:
+                raise RuntimeError("mirror solver: line search failed (ill-conditioned dual)")
         lam = lam - t * step
     raise RuntimeError(f"mirror solver did not reach tol={tol} in {max_iter} Newton steps")
 

@@ -105,14 +105,18 @@ def _row(
         final_loss=float(dln.loss(beta, X, y)),
         alpha_inf=dln.geometric_mean(a_inf),
         alpha_eff=dln.geometric_mean(a_eff),
-        dist_to_mirror_alpha_inf=float(
-            np.sum((beta - dln.solve_mirror_problem(X, y, a_inf).beta) ** 2)
-        ),
-        dist_to_mirror_alpha_eff=float(
-            np.sum((beta - dln.solve_mirror_problem(X, y, a_eff).beta) ** 2)
-        ),
+        dist_to_mirror_alpha_inf=_mirror_distance(beta, X, y, a_inf),
+        dist_to_mirror_alpha_eff=_mirror_distance(beta, X, y, a_eff),
     )
     return row
+
+
+def _mirror_distance(beta: np.ndarray, X: np.ndarray, y: np.ndarray, alpha: np.ndarray) -> float:
+    """||beta - argmin_{X b = y} phi_alpha(b)||^2, NaN where the solver cannot certify it."""
+    try:
+        return float(np.sum((beta - dln.solve_mirror_problem(X, y, alpha).beta) ** 2))
+    except RuntimeError:
+        return np.nan
 
 
 def summarise(rows: list[dict]) -> list[dict]:
