@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=int, default=None, help="dln: problem instances; lls: parallel chains"
     )
     parser.add_argument("--steps", type=int, default=None, help="iterations per simulation")
+    parser.add_argument(
+        "--magnitude", type=float, default=None, help="dln: |beta_star| on the support (1.0)"
+    )
+    parser.add_argument(
+        "--step-scale", type=float, default=None, help="dln: gamma in units of the paper's (1.0)"
+    )
     return parser
 
 
@@ -65,6 +71,10 @@ def main(argv: list[str]) -> int:
             cfg = dataclasses.replace(cfg, seeds=args.seeds)
         if args.steps is not None:
             cfg = dataclasses.replace(cfg, steps=args.steps, log_every=max(1, args.steps // 1000))
+        if args.magnitude is not None:
+            cfg = dataclasses.replace(cfg, magnitude=args.magnitude)
+        if args.step_scale is not None:
+            cfg = dataclasses.replace(cfg, step_scale=args.step_scale)
         _run_dln(cfg, out)
     wall = time.perf_counter() - start
     config = {"model": args.model, "preset": preset, "wall_seconds": round(wall, 1)}

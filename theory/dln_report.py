@@ -27,7 +27,8 @@ class DLNConfig:
     n: int = 40
     d: int = 100
     sparsity: int = 5
-    magnitude: float = 1.0
+    magnitude: float = 1.0  # |beta_star_i| on the support
+    step_scale: float = 1.0  # gamma = step_scale / (1.3 ||Xbar Xbar^T||_2)
     log_every: int = 100
 
 
@@ -48,7 +49,7 @@ def total_steps(cfg: DLNConfig) -> int:
 def run(cfg: DLNConfig, progress: Callable[[int], None] | None = None) -> DLNReport:
     """Simulate every method on ``cfg.seeds`` instances and compare limits with predictions."""
     problems = dln_sim.make_sparse_problems(
-        range(cfg.seeds), cfg.n, cfg.d, cfg.sparsity, cfg.magnitude
+        range(cfg.seeds), cfg.n, cfg.d, cfg.sparsity, cfg.magnitude, cfg.step_scale
     )
     common = dict(alpha=cfg.alpha, steps=cfg.steps, log_every=cfg.log_every, progress=progress)
     runs = {

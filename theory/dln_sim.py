@@ -37,14 +37,19 @@ class SparseProblems:
 
 
 def make_sparse_problems(
-    seeds: Sequence[int], n: int = 40, d: int = 100, sparsity: int = 5, magnitude: float = 1.0
+    seeds: Sequence[int],
+    n: int = 40,
+    d: int = 100,
+    sparsity: int = 5,
+    magnitude: float = 1.0,
+    step_scale: float = 1.0,
 ) -> SparseProblems:
     """The experiment of Pesme et al. / Sander et al.: n = 40, d = 100, a 5-sparse beta_star.
 
     The paper gives neither beta_star's values nor seeds. Our choice: the support is a uniformly
     random set of ``sparsity`` coordinates and the values are +-``magnitude`` with random signs,
     all drawn from ``numpy.random.default_rng([seed, 0])``; the step is Pesme et al.'s
-    gamma = 1 / (1.3 ||Xbar Xbar^T||_2) computed per instance.
+    gamma = 1 / (1.3 ||Xbar Xbar^T||_2) computed per instance, times ``step_scale``.
     """
     Xs, ys, bs, gs = [], [], [], []
     for seed in seeds:
@@ -56,7 +61,7 @@ def make_sparse_problems(
         Xs.append(X)
         ys.append(X @ beta_star)
         bs.append(beta_star)
-        gs.append(1.0 / (1.3 * np.linalg.norm(X @ X.T / n, 2)))
+        gs.append(step_scale / (1.3 * np.linalg.norm(X @ X.T / n, 2)))
     return SparseProblems(np.stack(Xs), np.stack(ys), np.stack(bs), np.array(gs), tuple(seeds))
 
 
