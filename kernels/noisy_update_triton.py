@@ -47,6 +47,20 @@ def _noisy_grad(grad_ptr, key, counter, offs, mask, noise_std, scale, ADD_NOISE:
 
 
 @triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """float32 x rounded to nearest even in DTYPE.
+
+    Done by hand for bfloat16 because Triton's interpreter truncates float32 -> bfloat16
+    casts (the GPU rounds to nearest even); the final cast is then exact on both.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+@triton.jit
 def _noisy_sgd_kernel(
     ptr_table,
     meta_table,
@@ -83,7 +97,7 @@ def _noisy_sgd_kernel(
     mask = offs < numel
     counter = chunk * (BLOCK // 4) + rows
     g = _noisy_grad(grad_ptr, key, counter, offs, mask, noise_std, scale, ADD_NOISE)
-    g = g.to(P_DTYPE).to(tl.float32)  # the reference rounds the DP gradient to p's dtype
+    g = _round_to(g, P_DTYPE).to(tl.float32)  # the reference rounds the DP gradient to p's dtype
     if MAXIMIZE:
         g = -g
     param = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -93,12 +107,12 @@ def _noisy_sgd_kernel(
         buf_ptr = tl.load(ptr_table + 3 * k + 2).to(tl.pointer_type(P_DTYPE))
         buf = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         buf = tl.where(first != 0, g, buf * momentum + (1.0 - dampening) * g)
-        tl.store(buf_ptr + offs, buf.to(P_DTYPE), mask=mask)
+        tl.store(buf_ptr + offs, _round_to(buf, P_DTYPE), mask=mask)
         if NESTEROV:
             g = g + momentum * buf
         else:
             g = buf
-    tl.store(param_ptr + offs, (param - lr * g).to(P_DTYPE), mask=mask)
+    tl.store(param_ptr + offs, _round_to(param - lr * g, P_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -141,7 +155,7 @@ def _noisy_adamw_kernel(
     mask = offs < numel
     counter = chunk * (BLOCK // 4) + rows
     g = _noisy_grad(grad_ptr, key, counter, offs, mask, noise_std, scale, ADD_NOISE)
-    g = g.to(P_DTYPE).to(tl.float32)
+    g = _round_to(g, P_DTYPE).to(tl.float32)
     if MAXIMIZE:
         g = -g
     param = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -152,9 +166,9 @@ def _noisy_adamw_kernel(
     exp_avg_sq = exp_avg_sq * beta2 + (1.0 - beta2) * g * g
     denom = tl.sqrt(exp_avg_sq) / sqrt_bias_correction2 + eps
     param = param - step_size * (exp_avg / denom)
-    tl.store(exp_avg_ptr + offs, exp_avg.to(P_DTYPE), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, exp_avg_sq.to(P_DTYPE), mask=mask)
-    tl.store(param_ptr + offs, param.to(P_DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offs, _round_to(exp_avg, P_DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, _round_to(exp_avg_sq, P_DTYPE), mask=mask)
+    tl.store(param_ptr + offs, _round_to(param, P_DTYPE), mask=mask)
 
 
 def _chunk_table(numels: list[int], block: int, device: torch.device) -> torch.Tensor:
@@ -232,7 +246,7 @@ def noisy_sgd_update(
     if momentum != 0:
         for k, p in enumerate(params):
             if buffers[k] is None:
-                buffers[k] = torch.empty_like(p, memory_format=torch.contiguous_format)
+                buffers[k] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 first[k] = 1
     for (p_dtype, g_dtype), index in _groups(params, grad_sums).items():
         tensors = [
