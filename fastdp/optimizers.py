@@ -93,7 +93,7 @@ def _supported(optimizer: torch.optim.Optimizer) -> str | None:
 
 def _sgd_group(optimizer, group, params, grad_sums, streams, key) -> None:
     momentum = group["momentum"]
-    buffers = [optimizer.state[p].get("momentum_buffer") for p in params]
+    buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
     new_buffers = noisy_sgd_update(
         params, [grad_sums[p] for p in params], buffers, lr=group["lr"], momentum=momentum,
         dampening=group["dampening"], nesterov=group["nesterov"],
