@@ -163,7 +163,10 @@ def solve_mirror_problem(
     lam = np.zeros(n)
     for iteration in range(1, max_iter + 1):
         e_plus, e_minus = parts(lam)
-        beta = e_plus - e_minus  # 2 alpha^2 sinh(4u)
+        u = X.T @ lam + c
+        small = np.abs(u) < 5.0  # there e_plus - e_minus would cancel: use sinh directly
+        beta = np.where(small, 2.0 * np.exp(log_a2) * np.sinh(4.0 * np.where(small, u, 0.0)), 0.0)
+        beta = np.where(small, beta, e_plus - e_minus)  # = 2 alpha^2 sinh(4u)
         grad = X @ beta - y
         if np.max(np.abs(grad)) <= tol * scale:
             return MirrorSolution(beta, lam, float(np.max(np.abs(grad))), iteration)
