@@ -19,7 +19,7 @@ from fastdp.theory import dln_report, lls_report
 from tqdm import tqdm
 
 LLS_PRESETS = {
-    "full": lls_report.LLSConfig(),
+    "full": lls_report.LLSConfig(chains=400, steps=40_000, over_chains=400),
     "quick": lls_report.LLSConfig(
         chains=100, steps=8000, burn_in=1000, over_chains=100, over_steps=150
     ),
@@ -138,6 +138,6 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 def _fmt(value: object) -> object:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else repr(value)
+    if isinstance(value, float):  # also numpy.float64, whose repr would leak into the CSV
+        return "nan" if math.isnan(value) else repr(float(value))
     return value

@@ -130,10 +130,10 @@ def stages(cfg: LLSConfig, report: LLSReport) -> Iterator[tuple[str, Callable[[]
     over_gamma = lls_overparam.theorem1_gamma(X)
     dt = 0.9 / float(np.linalg.norm(X.T @ X / cfg.over_n, 2))
 
-    def theorem1(sigma: float) -> Callable[[], None]:
+    def theorem1(sigma: float, seed: int) -> Callable[[], None]:
         def run() -> None:
             res = lls_overparam.simulate_theorem1(
-                X, y, over_gamma, sigma, dt, cfg.over_steps, cfg.over_chains, cfg.seed
+                X, y, over_gamma, sigma, dt, cfg.over_steps, cfg.over_chains, seed
             )
             tag = f"over/sigma={sigma:g}"
             report.add(f"{tag}/theorem1_gap_vs_bound", *_mean_pair(res.bound, res.gap))
@@ -148,8 +148,8 @@ def stages(cfg: LLSConfig, report: LLSReport) -> Iterator[tuple[str, Callable[[]
 
         return run
 
-    for sigma in cfg.over_sigmas:
-        yield f"over-parameterised SDE, sigma={sigma:g}", theorem1(sigma)
+    for i, sigma in enumerate(cfg.over_sigmas):
+        yield f"over-parameterised SDE, sigma={sigma:g}", theorem1(sigma, cfg.seed + 1 + i)
 
 
 def _mean_pair(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float, float]:
