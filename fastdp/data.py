@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from fastdp.kernels.noise import mix_key
@@ -138,6 +138,7 @@ class DPDataLoader:
         self.rank, self.world_size = rank, world_size
         self.collate = _EmptyAwareCollate(dataset, data_loader.collate_fn)
         self._epoch_cache: tuple[int, list[torch.Tensor]] | None = None
+        self._plan_cache: tuple[tuple[int, int], list] | None = None
 
     @property
     def expected_batch_size(self) -> float:
@@ -174,27 +175,45 @@ class DPDataLoader:
         chunks = [c.tolist() for c in indices.split(size)] if len(indices) else []
         return chunks or [[]]  # an empty logical batch still closes with one (empty) step
 
+    def _fetch(self, chunks: list[list[int]]) -> Iterator:
+        """Batches for the index lists: direct tensor indexing for an in-memory
+        TensorDataset with the default collate, else a DataLoader with the user's settings."""
+        original = self.original
+        if (
+            isinstance(self.dataset, TensorDataset)
+            and original.num_workers == 0
+            and original.collate_fn is default_collate
+        ):
+            tensors = self.dataset.tensors
+            return ([t[torch.as_tensor(c, dtype=torch.long)] for t in tensors] for c in chunks)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=chunks,
+            collate_fn=self.collate,
+            num_workers=original.num_workers,
+            pin_memory=original.pin_memory,
+        )
+        return iter(loader)
+
+    def _plan(self) -> list[tuple[int, list[list[int]]]]:
+        """(step, micro-batches) for the remaining logical steps of the current epoch."""
+        steps = self.logical_steps_per_epoch
+        start = self.optimizer.logical_step
+        key = (start, self.seed)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            stop = (start // steps + 1) * steps
+            self._plan_cache = (key, [(t, self.micro_batches(t)) for t in range(start, stop)])
+        return self._plan_cache[1]
+
     def __len__(self) -> int:
-        """Expected number of micro-batches in one epoch (for progress bars)."""
-        per_rank = self.expected_batch_size / self.world_size
-        per_step = max(1, math.ceil(per_rank / (self.max_physical_batch_size or per_rank or 1)))
-        return self.logical_steps_per_epoch * per_step
+        """Number of micro-batches the next iteration yields (the rest of this epoch)."""
+        return sum(len(chunks) for _, chunks in self._plan())
 
     def __iter__(self) -> Iterator:
         """The remaining logical batches of the current epoch, as micro-batches."""
-        steps = self.logical_steps_per_epoch
-        start = self.optimizer.logical_step
-        stop = (start // steps + 1) * steps
-        plan = [(t, self.micro_batches(t)) for t in range(start, stop)]
-        flat = [chunk for _, chunks in plan for chunk in chunks]
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=flat,
-            collate_fn=self.collate,
-            num_workers=self.original.num_workers,
-            pin_memory=self.original.pin_memory,
-        )
-        batches = iter(loader)
+        plan = self._plan()
+        self._plan_cache = None
+        batches = self._fetch([chunk for _, chunks in plan for chunk in chunks])
         for t, chunks in plan:
             for j in range(len(chunks)):
                 if self.optimizer.logical_step != t:
