@@ -1,0 +1,178 @@
+"""The sweep protocol: fixed steps S, fixed effective noise sigma/B, a sweep over B.
+
+One ``SweepConfig`` expands into ``RunSpec``s, one per (seed, batch size, algorithm):
+
+- ``sgd``:       clipping="none", sigma = 0 (no noise, no clipping);
+- ``noisy_sgd``: clipping="none", sigma = noise_ratio * B (noise std sigma on the gradient sum);
+- ``dp_sgd``:    clipping="flat" with C = max_grad_norm (1), the same sigma.
+
+All three go through the same fastdp path (PrivacyEngine, Poisson sampling at q = B/N,
+DPOptimizer), so a seed gives the same initialisation and the same sampled batches to every
+algorithm, and the three differ only in clipping and noise. Every run of a sweep has the same
+S, the same learning rate schedule and the same sigma/B; nothing is tuned per batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+ALGORITHMS = ("sgd", "noisy_sgd", "dp_sgd")
+SCHEDULES = ("constant", "cosine")
+
+# Defaults of the full CPU sweep (see README.md for why these values).
+DEFAULT_BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
+DEFAULT_NOISE_RATIO = 8e-4
+# --quick: the same protocol at a size that runs in a few minutes on two shared cores.
+QUICK = {
+    "num_samples": 10_000,
+    "batch_sizes": (32, 128, 512),
+    "steps": 300,
+    "seeds": 2,
+    "eval_points": 5,
+}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that defines a sweep; ``runs()`` lists its runs."""
+
+    dataset: str = "mnist1d"
+    model: str | None = None  # the dataset's default model when None
+    num_samples: int = 50_000  # MNIST-1D samples generated (80% train)
+    data_seed: int = 42
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    steps: int = 1000
+    noise_ratio: float = DEFAULT_NOISE_RATIO  # sigma / B, the same for every B
+    seeds: int = 3
+    lr: float = 0.1
+    momentum: float = 0.0
+    schedule: str = "constant"
+    ema: float = 0.0  # EMA decay of the weights (0 = off; the paper uses 0.999)
+    max_grad_norm: float = 1.0
+    algorithms: tuple[str, ...] = ALGORITHMS
+    eval_points: int = 10
+    max_physical_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if self.steps < 1 or self.seeds < 1:
+            raise ValueError("steps and seeds must be >= 1")
+        if not (math.isfinite(self.noise_ratio) and self.noise_ratio >= 0):
+            raise ValueError(f"noise_ratio must be a finite number >= 0, got {self.noise_ratio}")
+        unknown = set(self.algorithms) - set(ALGORITHMS)
+        if unknown:
+            raise ValueError(f"unknown algorithms {sorted(unknown)}; use {', '.join(ALGORITHMS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+
+    def replace(self, **changes) -> SweepConfig:
+        return dataclasses.replace(self, **changes)
+
+    def sigma(self, algorithm: str, batch_size: int) -> float:
+        """Noise multiplier of one run: 0 for sgd, noise_ratio * B otherwise."""
+        return 0.0 if algorithm == "sgd" else self.noise_ratio * batch_size
+
+    def runs(self) -> list[RunSpec]:
+        """Seed-major order, so an interrupted sweep already covers every B for seed 0."""
+        return [
+            RunSpec(
+                algorithm=algorithm,
+                batch_size=int(batch),
+                sigma=self.sigma(algorithm, int(batch)),
+                steps=self.steps,
+                seed=seed,
+                lr=self.lr,
+                config=self,
+            )
+            for seed in range(self.seeds)
+            for batch in sorted(self.batch_sizes)
+            for algorithm in self.algorithms
+        ]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a sweep."""
+
+    algorithm: str
+    batch_size: int
+    sigma: float
+    steps: int
+    seed: int
+    lr: float
+    config: SweepConfig
+
+    @property
+    def clipping(self) -> str:
+        return "flat" if self.algorithm == "dp_sgd" else "none"
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of logical step ``step`` (0-based), identical for every B."""
+        if self.config.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.lr
+
+    def eval_steps(self) -> list[int]:
+        """Logical steps after which the test accuracy is recorded (the last is S)."""
+        points = max(1, min(self.config.eval_points, self.steps))
+        return sorted({round(self.steps * k / points) for k in range(1, points + 1)})
+
+    def key(self) -> tuple[str, ...]:
+        """Identity in results.csv: a finished run with this key is not run again."""
+        row = self.identity()
+        return tuple(row[c] for c in KEY_COLUMNS)
+
+    def identity(self) -> dict[str, str]:
+        """The key columns of this run's results.csv row, formatted as written."""
+        cfg = self.config
+        return {
+            "dataset": cfg.dataset,
+            "model": cfg.model or "",
+            "num_samples": fmt(cfg.num_samples),
+            "data_seed": fmt(cfg.data_seed),
+            "algorithm": self.algorithm,
+            "batch_size": fmt(self.batch_size),
+            "sigma": fmt(self.sigma),
+            "steps": fmt(self.steps),
+            "seed": fmt(self.seed),
+            "lr": fmt(self.lr),
+            "momentum": fmt(cfg.momentum),
+            "schedule": cfg.schedule,
+            "ema": fmt(cfg.ema),
+            "max_grad_norm": fmt(cfg.max_grad_norm),
+        }
+
+
+KEY_COLUMNS = (
+    "dataset",
+    "model",
+    "num_samples",
+    "data_seed",
+    "algorithm",
+    "batch_size",
+    "sigma",
+    "steps",
+    "seed",
+    "lr",
+    "momentum",
+    "schedule",
+    "ema",
+    "max_grad_norm",
+)
+
+
+def fmt(value: float | int) -> str:
+    """The one text form of numbers in results.csv (so keys compare as strings)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.10g}"

@@ -1,0 +1,84 @@
+"""Run a whole batch-size sweep: plan, skip finished runs, train, write CSVs, plots, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from fastdp.theory.experiments.data import load_dataset, model_factory
+from fastdp.theory.experiments.plots import plot_dir
+from fastdp.theory.experiments.protocol import KEY_COLUMNS, SweepConfig
+from fastdp.theory.experiments.results import (
+    RESULTS_FILE,
+    append_result,
+    finished_keys,
+    read_rows,
+    report,
+)
+from fastdp.theory.experiments.train import train_run
+from tqdm.auto import tqdm
+
+
+def run_sweep(
+    config: SweepConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, str]]:
+    """Train every run of ``config`` not yet in ``out_dir``/results.csv; return the sweep's
+    rows (finished earlier or now) and write plots and ``report.md`` next to them."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    model_name, build_model = model_factory(config.dataset, config.model)
+    config = config.replace(model=model_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+
+    runs = config.runs()
+    done = finished_keys(out)
+    todo = [r for r in runs if r.key() not in done]
+    log = print if progress else (lambda *a, **k: None)
+    log(
+        f"batch-sweep: {len(runs)} runs ({len(runs) - len(todo)} already in {out / RESULTS_FILE}),"
+        f" B = {sorted(config.batch_sizes)}, S = {config.steps}, sigma/B = {config.noise_ratio:g}"
+    )
+    if todo:
+        train, test = load_dataset(
+            config.dataset,
+            num_samples=config.num_samples,
+            data_seed=config.data_seed,
+            data_dir=data_dir,
+            cache_dir=cache_dir,
+        )
+        log(f"data: {config.dataset}, {len(train)} train / {len(test)} test; model {model_name}")
+        outer = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress)
+        for spec in todo:
+            label = f"{spec.algorithm} B={spec.batch_size} seed={spec.seed}"
+            outer.set_description(label)
+            with tqdm(total=spec.steps, leave=False, disable=not progress, desc="steps") as bar:
+                result = train_run(
+                    spec, train, test, build_model, device=device, on_step=lambda _: bar.update()
+                )
+            append_result(out, spec, result, n_train=len(train))
+            outer.set_postfix(acc=f"{100 * result.test_accuracy:.1f}%")
+            outer.update()
+        outer.close()
+    keys = {r.key() for r in runs}
+    rows = [
+        row
+        for row in read_rows(out / RESULTS_FILE)
+        if tuple(row.get(c, "") for c in KEY_COLUMNS) in keys
+    ]
+    plot_dir(out, keys)
+    text = "## test accuracy (%)\n\n" + report(rows)
+    if config.ema > 0:
+        text += "\n\n## EMA test accuracy (%)\n\n" + report(rows, "ema_test_accuracy")
+    (out / "report.md").write_text(text + "\n")
+    log(text)
+    return rows
