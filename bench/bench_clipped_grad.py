@@ -9,9 +9,8 @@ within 10% of its time). FLOPs: 2 * B * T * d * p.
 from __future__ import annotations
 
 import torch
+from fastdp.bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 from fastdp.kernels import clipped_grad as cg
-
-from bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 
 FULL = [(1024, 512, 1024, 1024), (256, 128, 4096, 1024), (4096, 1, 1024, 1024)]
 QUICK_GPU = [(64, 128, 256, 256)]

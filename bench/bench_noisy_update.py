@@ -11,9 +11,8 @@ The target is >= 80% of the device's memory bandwidth.
 from __future__ import annotations
 
 import torch
+from fastdp.bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 from fastdp.kernels import noisy_update as nu
-
-from bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 
 BYTES_PER_ELEMENT = {"sgd_momentum": 20, "adamw": 28}
 # A GPT-2-small-like parameter list (embedding, 12 blocks of 4 matrices plus vectors).
