@@ -134,9 +134,7 @@ class DPOptimizer(Optimizer):
         """Drop the clipped sums of the unfinished logical batch (nothing is applied)."""
         for buf in self.tape.grads.values():
             buf.zero_()
-        self.tape.strategy.reset()
-        self.tape.invalid_reason = None
-        self.tape.dropped = 0
+        self.tape.reset()
         self.micro_steps_in_batch = 0
 
     def mid_logical_batch(self) -> bool:

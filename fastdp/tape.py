@@ -130,9 +130,20 @@ class Tape:
             )
 
     def _fail(self, message: str) -> None:
-        self.strategy.reset()
+        """Abort this backward pass: the logical batch is invalid until discarded."""
+        self.reset()
         self.invalid_reason = message
         raise RuntimeError(message)
+
+    def reset(self) -> None:
+        """Forget the current backward pass (the autograd engine drops its callback when
+        backward raises) and anything the strategy kept from it."""
+        self.strategy.reset()
+        self._callback_queued = False
+        self._backward_seen.clear()
+        self._backward_batch = None
+        self.invalid_reason = None
+        self.dropped = 0
 
     def layer_names(self) -> list[str]:
         return [name for name, _ in self.layers]

@@ -303,3 +303,43 @@ def test_cross_entropy_training_reduces_loss():
             opt.zero_grad()
     with torch.no_grad():
         assert float(F.cross_entropy(m(x), y)) < 0.7 * first
+
+
+@pytest.mark.parametrize("mode", ["flat", "per_layer", "automatic"])
+def test_every_sample_is_clipped_before_summing(mode):
+    # huge per-sample gradients: the sum of B clipped gradients has norm <= B * C
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = 1000 * torch.randn(8, 6), 1000 * torch.randn(8, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    m, opt, loader = fastdp.PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=8),
+        noise_multiplier=0.0,
+        max_grad_norm=0.25,
+        clipping=mode,
+        poisson_sampling=False,
+        loss_reduction="sum",
+    )
+    per_sample_loss(m(x), y).sum().backward()
+    opt.step()
+    after = [p.detach() for p in m.parameters()]
+    total = math.sqrt(sum(float((b - a).square().sum()) for b, a in zip(before, after)))
+    assert total <= 8 * 0.25 * (1 + 1e-5)
+    assert total > 0.5 * 0.25  # and the samples did contribute
+
+
+def test_two_forwards_one_backward_is_refused_and_recoverable():
+    model = _mlp()
+    (engine, m, opt, loader), (x, y) = _private(model, clipping="per_layer")
+    loss = per_sample_loss(m(x[:4]), y[:4]).mean() + per_sample_loss(m(x[4:8]), y[4:8]).mean()
+    with pytest.raises(RuntimeError, match="appeared twice in one backward"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="discard_logical_batch"):
+        opt.step()
+    opt.discard_logical_batch()
+    assert all(float(buf.abs().sum()) == 0 for buf in opt.grad_sums.values())
+    per_sample_loss(m(x[:4]), y[:4]).mean().backward()
+    opt.step()
+    assert opt.last_step_updated
