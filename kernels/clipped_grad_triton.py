@@ -13,7 +13,10 @@ the sum deterministic (no float atomics). With S = 1 the GEMM's own epilogue doe
 
 Noise: N(0, noise_std^2) from Philox, ``tl.randn(key, row * d + col)`` with
 key = mix_key(seed, step, stream) (stream + 2**32 for the bias, as in the torch reference). The
-offset is the logical element index, so the noise does not depend on tiles or S.
+offset is the logical element index, so the noise does not depend on tiles or S. Offsets are
+int32 (p * d < 2**31 is checked): Philox then runs on 32-bit counters, which Triton >= 3.1 and
+3.9 treat alike, so the noise is the same across versions (int64 offsets switch to 64-bit
+Philox in older Triton).
 """
 
 from __future__ import annotations
@@ -114,13 +117,13 @@ def _clipped_grad_kernel(
             tl.store(work_bias_ptr + pid_split * d_out + offs_p, bias_acc, mask=mask_bias)
     else:
         if ADD_NOISE:
-            index = offs_p[:, None].to(tl.int64) * d_in + offs_d[None, :]
-            acc += noise_std * tl.randn(weight_key, index)
+            index = offs_p[:, None] * d_in + offs_d[None, :]  # < 2**31: checked on the host
+            acc += noise_std * tl.randn(weight_key, index.to(tl.int32))
         out = out_ptr + offs_p[:, None] * stride_out_row + offs_d[None, :] * stride_out_col
         tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
         if HAS_BIAS:
             if ADD_NOISE:
-                bias_acc += noise_std * tl.randn(bias_key, offs_p.to(tl.int64))
+                bias_acc += noise_std * tl.randn(bias_key, offs_p.to(tl.int32))
             bias = bias_ptr + offs_p * stride_bias
             tl.store(bias, tl.load(bias, mask=mask_bias, other=0.0) + bias_acc, mask=mask_bias)
 
@@ -153,7 +156,7 @@ def _split_reduce_kernel(
     for s in range(0, n_split):
         total += tl.load(work_ptr + s * n_elements + index, mask=mask, other=0.0)
     if ADD_NOISE:
-        total += noise_std * tl.randn(key, index)
+        total += noise_std * tl.randn(key, index.to(tl.int32))
     out = out_ptr + row * stride_out_row + col * stride_out_col
     tl.store(out, tl.load(out, mask=mask, other=0.0) + total, mask=mask)
 
@@ -199,6 +202,10 @@ def clipped_linear_grad(
     bias_key = to_int64(mix_key(seed, step, stream + (1 << 32)))
     if d_in == 0 or d_out == 0:
         return
+    if d_out * d_in >= 1 << 31:
+        raise ValueError(
+            f"a ({d_out}, {d_in}) weight has too many elements for int32 noise offsets"
+        )
     if n_rows == 0:  # nothing to sum: only the noise, once
         if noise_std > 0:
             empty = torch.empty(0, dtype=torch.float32, device=device)

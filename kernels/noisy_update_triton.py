@@ -12,7 +12,9 @@ Bytes per element (float32): SGD reads grad, param (+ momentum) and writes param
 
 Noise: Philox keyed by mix_key(seed, step, stream) per tensor; element e uses output e % 4 of
 ``tl.randn4x(key, e // 4)``, so one Philox call feeds 4 elements and the values do not depend
-on BLOCK. All arithmetic is float32; the result is rounded once to the parameter dtype.
+on BLOCK. Counters are int32 (numel < 2**33 is checked), so Philox runs on 32-bit counters
+alike in every Triton >= 3.1. All arithmetic is float32; the result is rounded once to the
+parameter dtype.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fastdp.kernels.triton_utils import check_same_device, tl_dtype, to_int64
 def _noisy_grad(grad_ptr, key, counter, offs, mask, noise_std, scale, ADD_NOISE: tl.constexpr):
     """float32 (grad + noise_std * xi) * scale over a (BLOCK // 4, 4) block of offsets.
 
-    counter: (BLOCK // 4,) int64, offs // 4 for each row of 4 consecutive elements.
+    counter: (BLOCK // 4,) int32, offs // 4 for each row of 4 consecutive elements.
     """
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if ADD_NOISE:
@@ -95,7 +97,7 @@ def _noisy_sgd_kernel(
     rows = tl.arange(0, BLOCK // 4)
     offs = chunk * BLOCK + rows[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = offs < numel
-    counter = chunk * (BLOCK // 4) + rows
+    counter = (chunk * (BLOCK // 4) + rows).to(tl.int32)  # numel < 2**33: checked on the host
     g = _noisy_grad(grad_ptr, key, counter, offs, mask, noise_std, scale, ADD_NOISE)
     g = _round_to(g, P_DTYPE).to(tl.float32)  # the reference rounds the DP gradient to p's dtype
     if MAXIMIZE:
@@ -153,7 +155,7 @@ def _noisy_adamw_kernel(
     rows = tl.arange(0, BLOCK // 4)
     offs = chunk * BLOCK + rows[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = offs < numel
-    counter = chunk * (BLOCK // 4) + rows
+    counter = (chunk * (BLOCK // 4) + rows).to(tl.int32)  # numel < 2**33: checked on the host
     g = _noisy_grad(grad_ptr, key, counter, offs, mask, noise_std, scale, ADD_NOISE)
     g = _round_to(g, P_DTYPE).to(tl.float32)
     if MAXIMIZE:
@@ -199,6 +201,8 @@ def _check(params, grads, *states) -> torch.device:
                 s.shape != p.shape or s.dtype != p.dtype or not s.is_contiguous()
             ):
                 raise ValueError(f"optimizer state of param {k} must match its shape and dtype")
+        if p.numel() >= 1 << 33:
+            raise ValueError(f"param {k} has too many elements for int32 noise counters")
         if not (p.is_contiguous() and g.is_contiguous()):
             raise ValueError("the fused update needs contiguous params and gradient sums")
     return device
