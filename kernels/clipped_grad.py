@@ -4,7 +4,7 @@ One GEMM over all B*T rows with the per-sample scale c folded into G's rows, acc
 float32 into a caller-owned buffer (the logical-batch accumulator). The bias gradient is
 sum_i c_i sum_t g_it. When ``noise_std`` > 0 the epilogue adds N(0, noise_std^2) noise keyed
 by (seed, step, stream), for the last micro-batch of a logical batch. This module holds the
-torch reference; the Triton kernel is added beside it.
+torch reference; the Triton kernel is in clipped_grad_triton.py.
 """
 
 from __future__ import annotations

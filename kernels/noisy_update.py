@@ -4,7 +4,7 @@ Multi-tensor: one call updates every parameter. The formulas match torch.optim.S
 torch.optim.AdamW exactly (same state layout: ``momentum_buffer``; ``exp_avg``,
 ``exp_avg_sq``), so a fused optimizer's state_dict loads into the plain one and back. Noise for
 parameter k at logical step ``step`` is keyed by (seed, step, k) (see ``noise.py``). This
-module holds the torch reference; the Triton kernel is added beside it.
+module holds the torch reference; the Triton kernel is in noisy_update_triton.py.
 """
 
 from __future__ import annotations

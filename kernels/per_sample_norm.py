@@ -7,7 +7,7 @@ G_i^T A_i (p x d). Two ways to get its squared norm without keeping it:
 - ghost:  sum_{t,s} (a_t . a_s)(g_t . g_s), 2*B*T^2*(d+p) FLOPs, never forms a d x p matrix.
 
 ``per_sample_norm_sq`` picks the cheaper per call (T changes between calls, so nothing is
-cached). This module holds the torch reference; the Triton kernels are added beside it.
+cached). This module holds the torch reference; the kernels are in per_sample_norm_triton.py.
 """
 
 from __future__ import annotations
