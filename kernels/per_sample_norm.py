@@ -16,6 +16,7 @@ import torch
 from fastdp.kernels.dispatch import use_triton
 
 METHODS = ("ghost", "direct")
+_CHUNK_ELEMENTS = 1 << 24  # bound on the torch reference's per-chunk intermediate (64 MiB fp32)
 
 
 def direct_flops(batch: int, n_tokens: int, d_in: int, d_out: int) -> int:
@@ -49,17 +50,26 @@ def per_sample_norm_sq_torch(
     activations: torch.Tensor, grad_outputs: torch.Tensor, method: str
 ) -> torch.Tensor:
     """Torch reference. A: (B, T, d), G: (B, T, p), any float dtype. Returns (B,) float32."""
+    if method not in METHODS:
+        raise ValueError(f"unknown per-sample norm method {method!r}; use one of {METHODS}")
     a = activations.float()
     g = grad_outputs.float()
-    if a.shape[1] == 1:  # T = 1: ||a||^2 ||g||^2, both methods agree
+    batch, n_tokens, d_in = a.shape
+    if n_tokens == 1:  # T = 1: ||a||^2 ||g||^2, both methods agree
         return a.square().sum((1, 2)) * g.square().sum((1, 2))
-    if method == "ghost":
-        gram_a = torch.bmm(a, a.transpose(1, 2))
-        gram_g = torch.bmm(g, g.transpose(1, 2))
-        return (gram_a * gram_g).sum((1, 2))
-    if method == "direct":
-        return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-    raise ValueError(f"unknown per-sample norm method {method!r}; use one of {METHODS}")
+    # chunk the batch so the per-chunk intermediate (T x T Grams or p x d gradients) stays
+    # under _CHUNK_ELEMENTS: memory is bounded whatever B is
+    per_sample = n_tokens * n_tokens if method == "ghost" else d_in * g.shape[2]
+    chunk = max(1, _CHUNK_ELEMENTS // per_sample)
+    norms = []
+    for a_c, g_c in zip(a.split(chunk), g.split(chunk)):
+        if method == "ghost":
+            gram_a = torch.bmm(a_c, a_c.transpose(1, 2))
+            gram_g = torch.bmm(g_c, g_c.transpose(1, 2))
+            norms.append((gram_a * gram_g).sum((1, 2)))
+        else:
+            norms.append(torch.bmm(g_c.transpose(1, 2), a_c).square().sum((1, 2)))
+    return torch.cat(norms) if norms else a.new_zeros(0)
 
 
 def per_sample_norm_sq(
