@@ -5,6 +5,7 @@ Matplotlib runs with the Agg backend so the commands work on headless machines.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -91,7 +92,8 @@ def plot_dln(report: DLNReport, out: Path) -> list[Path]:
         color = _COLORS["sgd"] if sigma == 0 else plt.cm.Reds(0.35 + 0.65 * k / len(noisy.sigmas))
         curves.append(("noisy", noisy, k, color, label))
     for _, sim, k, color, label in curves:
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # all seeds diverged: NaN is the honest median
+            warnings.simplefilter("ignore", RuntimeWarning)
             med = np.nanmedian(sim.distance[:, k, :], axis=0)
         ax.plot(np.maximum(sim.log_steps, 1), med, color=color, label=label)
     ax.set_xscale("log")
@@ -113,7 +115,9 @@ def plot_dln(report: DLNReport, out: Path) -> list[Path]:
         div = [r["sigma"] for r in mine if r["diverged"]]
         ax.plot(div, [top] * len(div), "x", color="tab:red")
     sigmas = sorted({r["sigma"] for r in rows})
-    means = [np.nanmean([r["final_distance"] for r in rows if r["sigma"] == s]) for s in sigmas]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = [np.nanmean([r["final_distance"] for r in rows if r["sigma"] == s]) for s in sigmas]
     ax.plot(sigmas, means, "o-", color=_COLORS["noisy_sgd"], label="mean over converged seeds")
     gd = np.mean([r["final_distance"] for r in report.rows if r["method"] == "gd"])
     ax.axhline(gd, color="black", ls="--", label="GD (mean)")
