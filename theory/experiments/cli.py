@@ -109,7 +109,6 @@ def main(argv: list[str]) -> int:
     import torch
     from fastdp.theory.experiments.sweep import run_sweep
 
-    torch.set_num_threads(max(1, args.threads))
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastdp experiment batch-sweep: --device cuda but no CUDA device", file=sys.stderr)
         return 1
@@ -119,6 +118,8 @@ def main(argv: list[str]) -> int:
         print(f"fastdp experiment batch-sweep: {err}", file=sys.stderr)
         return 2
     out = args.out or ("batch-sweep-quick" if args.quick else "batch-sweep")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
     try:
         run_sweep(
             config,
@@ -131,4 +132,6 @@ def main(argv: list[str]) -> int:
     except FileNotFoundError as err:
         print(f"fastdp experiment batch-sweep: {err}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)
     return 0

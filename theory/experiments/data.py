@@ -102,9 +102,10 @@ def load_dataset(
         from fastdp.theory.experiments.cifar10 import load_cifar10
 
         if data_dir is None:
-            raise ValueError(
+            raise FileNotFoundError(
                 "--dataset cifar10 needs --data-dir DIR: the folder with CIFAR-10's python "
-                "batches (data_batch_1..5, test_batch); nothing is downloaded."
+                "batches (data_batch_1..5, test_batch, as extracted from cifar-10-python.tar.gz "
+                "of https://www.cs.toronto.edu/~kriz/cifar.html); nothing is downloaded."
             )
         x, y, x_test, y_test = load_cifar10(data_dir)
     else:

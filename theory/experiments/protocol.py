@@ -46,7 +46,7 @@ class SweepConfig:
     steps: int = 1000
     noise_ratio: float = DEFAULT_NOISE_RATIO  # sigma / B, the same for every B
     seeds: int = 3
-    lr: float = 0.1
+    lr: float = 0.5  # the paper's ImageNet value; best of {0.1, 0.2, 0.5} for sgd at B = 128
     momentum: float = 0.0
     schedule: str = "constant"
     ema: float = 0.0  # EMA decay of the weights (0 = off; the paper uses 0.999)

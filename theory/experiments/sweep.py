@@ -29,9 +29,10 @@ def run_sweep(
     data_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    plots: bool = True,
 ) -> list[dict[str, str]]:
     """Train every run of ``config`` not yet in ``out_dir``/results.csv; return the sweep's
-    rows (finished earlier or now) and write plots and ``report.md`` next to them."""
+    rows (finished earlier or now) and write ``report.md`` (and the plots) next to them."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
     model_name, build_model = model_factory(config.dataset, config.model)
@@ -75,7 +76,8 @@ def run_sweep(
         for row in read_rows(out / RESULTS_FILE)
         if tuple(row.get(c, "") for c in KEY_COLUMNS) in keys
     ]
-    plot_dir(out, keys)
+    if plots:
+        plot_dir(out, keys)
     text = "## test accuracy (%)\n\n" + report(rows)
     if config.ema > 0:
         text += "\n\n## EMA test accuracy (%)\n\n" + report(rows, "ema_test_accuracy")
