@@ -118,14 +118,15 @@ def _run_dln(cfg: dln_report.DLNConfig, out: Path) -> None:
     plots.plot_dln(report, out)
     print(
         f"{'method':<10} {'B':>3} {'sigma':>5} {'div':>4} {'mean dist':>10} {'s.e.':>8} "
-        f"{'median':>9} {'alpha_inf':>9} {'d(mirror)':>9}"
+        f"{'median':>9} {'alpha_inf':>9} {'d(mirror)':>9} {'<sgd':>4} {'vs sgd':>7}"
     )
     for s in summary:
         print(
             f"{s['method']:<10} {s['batch']:>3} {s['sigma']:>5.2f} {s['diverged']:>4} "
             f"{s['mean_distance']:>10.4g} {s['stderr_distance']:>8.2g} "
             f"{s['median_distance']:>9.4g} {s['mean_alpha_inf']:>9.3g} "
-            f"{s['mean_dist_to_mirror_alpha_inf']:>9.3g}"
+            f"{s['mean_dist_to_mirror_alpha_inf']:>9.3g} {s['closer_than_sgd']:>4} "
+            f"{s['geomean_ratio_to_sgd']:>7.3g}"
         )
 
 

@@ -123,6 +123,7 @@ def _mirror_distance(beta: np.ndarray, X: np.ndarray, y: np.ndarray, alpha: np.n
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (method, batch, sigma): runs, divergences, mean / median final distance, alpha_inf."""
     keys = sorted({(r["method"], r["batch"], r["sigma"]) for r in rows}, key=_order)
+    sgd = {r["seed"]: r for r in rows if r["method"] == "sgd" and r["batch"] == 1}
     out = []
     for method, batch, sigma in keys:
         group = [r for r in rows if (r["method"], r["batch"], r["sigma"]) == (method, batch, sigma)]
@@ -147,6 +148,15 @@ def summarise(rows: list[dict]) -> list[dict]:
                 if ok
                 else np.nan,
             }
+        )
+        # Paired with single-sample SGD on the same seed (same data, same index stream).
+        pairs = [
+            (r, sgd[r["seed"]]) for r in ok if r["seed"] in sgd and not sgd[r["seed"]]["diverged"]
+        ]
+        ratios = np.array([r["final_distance"] / b["final_distance"] for r, b in pairs])
+        out[-1]["closer_than_sgd"] = int(np.sum(ratios < 1.0)) if pairs else 0
+        out[-1]["geomean_ratio_to_sgd"] = (
+            float(np.exp(np.mean(np.log(ratios)))) if pairs else np.nan
         )
     return out
 
