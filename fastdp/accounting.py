@@ -10,9 +10,10 @@ at the same sigma/B simulates the large-batch one).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:  # opacus takes seconds to import: load it when an accountant is made
+    from opacus.accountants import IAccountant
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -20,6 +21,8 @@ ACCOUNTANTS = ("prv", "rdp")
 def make_accountant(name: str) -> IAccountant:
     if name not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {name!r}; use one of {', '.join(ACCOUNTANTS)}")
+    from opacus.accountants import create_accountant
+
     return create_accountant(mechanism=name)
 
 
@@ -61,6 +64,8 @@ def noise_for_epsilon(
         raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
     if not 0 < target_delta < 1:
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

@@ -12,6 +12,7 @@ import os
 import torch
 
 _BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache
@@ -62,4 +63,5 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                 "TRITON_INTERPRET=1."
             )
         return True
-    return runnable
+    # auto: the kernels take fp16/bf16/fp32; anything else (float64) stays on torch
+    return runnable and all(t.dtype in _KERNEL_DTYPES for t in tensors if t.is_floating_point())
