@@ -32,9 +32,10 @@ COLORS = {"sgd": "tab:blue", "noisy_sgd": "tab:orange", "dp_sgd": "tab:green"}
 
 def _title(rows: list[dict[str, str]]) -> str:
     first = rows[0]
+    ratio = max(float(r.get("noise_ratio") or 0) for r in rows)
     return (
         f"{first['dataset']} / {first['model']}, S = {first['steps']}, "
-        f"sigma/B = {first.get('noise_ratio') or '?'} (noisy runs), lr = {first['lr']}"
+        f"sigma/B = {ratio:g} (noisy runs), lr = {first['lr']}, EMA = {first['ema']}"
     )
 
 

@@ -27,7 +27,7 @@ DEFAULT_NOISE_RATIO = 8e-4
 # --quick: the same protocol at a size that runs in a few minutes on two shared cores.
 QUICK = {
     "num_samples": 10_000,
-    "batch_sizes": (32, 128, 512),
+    "batch_sizes": (16, 64, 256),
     "steps": 300,
     "seeds": 2,
     "eval_points": 5,

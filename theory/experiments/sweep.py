@@ -44,8 +44,7 @@ def run_sweep(
     runs = config.runs()
     done = finished_keys(out)
     todo = [r for r in runs if r.key() not in done]
-    log = print if progress else (lambda *a, **k: None)
-    log(
+    print(
         f"batch-sweep: {len(runs)} runs ({len(runs) - len(todo)} already in {out / RESULTS_FILE}),"
         f" B = {sorted(config.batch_sizes)}, S = {config.steps}, sigma/B = {config.noise_ratio:g}"
     )
@@ -57,7 +56,7 @@ def run_sweep(
             data_dir=data_dir,
             cache_dir=cache_dir,
         )
-        log(f"data: {config.dataset}, {len(train)} train / {len(test)} test; model {model_name}")
+        print(f"data: {config.dataset}, {len(train)} train / {len(test)} test; model {model_name}")
         outer = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress)
         for spec in todo:
             label = f"{spec.algorithm} B={spec.batch_size} seed={spec.seed}"
@@ -82,5 +81,5 @@ def run_sweep(
     if config.ema > 0:
         text += "\n\n## EMA test accuracy (%)\n\n" + report(rows, "ema_test_accuracy")
     (out / "report.md").write_text(text + "\n")
-    log(text)
+    print(text)
     return rows
