@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from fastdp.theory.experiments.data import load_dataset, model_factory
+from fastdp.theory.experiments.diagnostics import gradient_noise, noise_ratios
 from fastdp.theory.experiments.plots import plot_dir
 from fastdp.theory.experiments.protocol import KEY_COLUMNS, SweepConfig
 from fastdp.theory.experiments.results import (
@@ -57,6 +58,7 @@ def run_sweep(
             cache_dir=cache_dir,
         )
         print(f"data: {config.dataset}, {len(train)} train / {len(test)} test; model {model_name}")
+        _noise_report(config, build_model, train, out, device)
         outer = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress)
         for spec in todo:
             label = f"{spec.algorithm} B={spec.batch_size} seed={spec.seed}"
@@ -83,3 +85,29 @@ def run_sweep(
     (out / "report.md").write_text(text + "\n")
     print(text)
     return rows
+
+
+def _noise_report(config: SweepConfig, build_model, train, out: Path, device: str) -> None:
+    """Print and save how the added noise compares with SGD's own noise at each B."""
+    noise = gradient_noise(
+        build_model,
+        train,
+        samples=512 if config.dataset == "mnist1d" else 128,
+        chunk=64 if config.dataset == "mnist1d" else 8,
+        max_grad_norm=config.max_grad_norm,
+        device=device,
+    )
+    raw = noise_ratios(noise, config.noise_ratio, list(config.batch_sizes))
+    clipped = noise_ratios(noise, config.noise_ratio, list(config.batch_sizes), clipped=True)
+    summary = {**noise, "noise_ratio": config.noise_ratio, "isotropic_over_sgd": raw}
+    summary["isotropic_over_clipped_sgd"] = clipped
+    (out / "noise.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"noise at init: d = {noise['dim']:.0f}, tr(Sigma) = {noise['trace_sigma']:.3g} "
+        f"(clipped {noise['trace_sigma_clipped']:.3g}); d (sigma/B)^2 = "
+        f"{noise['dim'] * config.noise_ratio**2:.3g}"
+    )
+    print(
+        "isotropic / SGD noise per B: "
+        + ", ".join(f"{b}: {raw[b]:.2g} (clipped {clipped[b]:.2g})" for b in raw)
+    )
