@@ -199,9 +199,11 @@ def run_kernels(args, specs, cfg: RunConfig) -> list[dict]:
         print("fastdp bench kernels: no kernel micro-benchmarks in this version yet")
         return []
     env = environment(cfg.device, cfg.command)
+    # The full kernel shapes are GPU sizes (minutes per call on a CPU core): CPU runs quick.
+    quick = args.quick or cfg.device.type != "cuda"
     rows = []
     for module in tqdm(modules, desc="kernels", disable=args.no_progress, leave=False):
-        for row in module.run(quick=args.quick):
+        for row in module.run(quick=quick):
             rows.append({**env, **row, "mode": "kernels", "device": env["device"]})
     return rows
 

@@ -78,7 +78,7 @@ class ModelSpec:
         elif self.name == "gpt":
             vocab = self.kwargs.get("vocab", 256)
             tokens = torch.randint(vocab, (batch_size, seq_len + 1), generator=gen)
-            return tokens[:, :-1].to(device), tokens[:, 1:].contiguous().to(device)
+            return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
         else:
             raise ValueError(f"unknown model {self.name!r}")
         y = torch.randint(classes, (batch_size,), generator=gen)
