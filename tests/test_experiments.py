@@ -210,3 +210,4 @@ def test_quick_sweep_end_to_end(tmp_path):
         assert (out / name).is_file()
     assert list(tmp_path.glob("mnist1d_n400_seed42.npz"))  # the generated arrays are cached
     assert cli.main(argv) == 0 and len(read_rows(out / RESULTS_FILE)) == 18  # nothing rerun
+    assert cli.main(["report", str(out), "--batch-sizes", "16", "32"]) == 0

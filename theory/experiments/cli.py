@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     again = sub.add_parser("report", help="redraw plots and report.md from a sweep folder")
     again.add_argument("out", help="a batch-sweep output folder")
+    again.add_argument(
+        "--batch-sizes", type=int, nargs="+", help="only these B (e.g. the paper's 128..1024)"
+    )
     return parser
 
 
@@ -84,19 +87,24 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(**values)
 
 
-def _report(out: str) -> int:
+def _report(out: str, batch_sizes: list[int] | None = None) -> int:
+    """Table and slopes of a sweep folder (restricted to ``batch_sizes``); the plots and
+    report.md are redrawn only for the whole sweep."""
     from fastdp.theory.experiments.plots import plot_dir
     from fastdp.theory.experiments.results import RESULTS_FILE, read_rows, report
 
     rows = read_rows(Path(out) / RESULTS_FILE)
+    if batch_sizes:
+        rows = [r for r in rows if int(r["batch_size"]) in batch_sizes]
     if not rows:
-        print(f"no {RESULTS_FILE} in {out}", file=sys.stderr)
+        print(f"no {RESULTS_FILE} rows in {out}", file=sys.stderr)
         return 1
-    plot_dir(out)
     text = "## test accuracy (%)\n\n" + report(rows)
     if any(r.get("ema_test_accuracy") not in ("", "nan", None) for r in rows):
         text += "\n\n## EMA test accuracy (%)\n\n" + report(rows, "ema_test_accuracy")
-    (Path(out) / "report.md").write_text(text + "\n")
+    if not batch_sizes:
+        plot_dir(out)
+        (Path(out) / "report.md").write_text(text + "\n")
     print(text)
     return 0
 
@@ -105,7 +113,7 @@ def main(argv: list[str]) -> int:
     """Entry point called by ``fastdp experiment``."""
     args = _parser().parse_args(argv)
     if args.command == "report":
-        return _report(args.out)
+        return _report(args.out, args.batch_sizes)
     import torch
     from fastdp.theory.experiments.sweep import run_sweep
 
