@@ -49,7 +49,7 @@ def run_sweep(
         f"batch-sweep: {len(runs)} runs ({len(runs) - len(todo)} already in {out / RESULTS_FILE}),"
         f" B = {sorted(config.batch_sizes)}, S = {config.steps}, sigma/B = {config.noise_ratio:g}"
     )
-    if todo:
+    if todo or not _noise_known(out, config):
         train, test = load_dataset(
             config.dataset,
             num_samples=config.num_samples,
@@ -59,6 +59,7 @@ def run_sweep(
         )
         print(f"data: {config.dataset}, {len(train)} train / {len(test)} test; model {model_name}")
         _noise_report(config, build_model, train, out, device)
+    if todo:
         outer = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress)
         for spec in todo:
             label = f"{spec.algorithm} B={spec.batch_size} seed={spec.seed}"
@@ -85,6 +86,11 @@ def run_sweep(
     (out / "report.md").write_text(text + "\n")
     print(text)
     return rows
+
+
+def _noise_known(out: Path, config: SweepConfig) -> bool:
+    path = out / "noise.json"
+    return path.is_file() and json.loads(path.read_text()).get("noise_ratio") == config.noise_ratio
 
 
 def _noise_report(config: SweepConfig, build_model, train, out: Path, device: str) -> None:
