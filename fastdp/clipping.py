@@ -60,10 +60,12 @@ class FlatClipping(ClippingStrategy):
         self.reset()
         if not records:
             return 0
-        norms = norm_sq.sqrt()
+        grad_scale = records[0].grad_scale  # one backward pass: one batch size
+        norms = norm_sq.sqrt() * grad_scale
         bad = ~torch.isfinite(norms)
         dropped = int(bad.sum())
-        scale = torch.where(bad, torch.zeros_like(norms), self.factors(norms.nan_to_num(0.0)))
+        factors = self.factors(norms.nan_to_num(0.0)) * grad_scale
+        scale = torch.where(bad, torch.zeros_like(factors), factors)
         for record in records:
             if dropped:
                 record.zero_samples(bad)
@@ -94,10 +96,10 @@ class PerLayerClipping(ClippingStrategy):
 
     def on_layer(self, record: Record, tape) -> None:
         rule = rule_for(record.module)
-        norms = rule.norm_sq(record).sqrt()
+        norms = rule.norm_sq(record).sqrt() * record.grad_scale
         bad = ~torch.isfinite(norms)
         threshold = self.thresholds[record.name]
-        scale = (threshold / (norms.nan_to_num(0.0) + _EPS)).clamp(max=1.0)
+        scale = (threshold / (norms.nan_to_num(0.0) + _EPS)).clamp(max=1.0) * record.grad_scale
         scale = torch.where(bad, torch.zeros_like(scale), scale)
         if bool(bad.any()):
             record.zero_samples(bad)
@@ -129,13 +131,15 @@ class NoClipping(ClippingStrategy):
         rule = rule_for(record.module)
         scratch: dict = {}
         rule.accumulate(record, None, scratch)
-        if all(bool(torch.isfinite(buf).all()) for buf in scratch.values()):
+        # one reduction decides: NaN/Inf anywhere makes the total non-finite
+        total = sum(buf.sum() for buf in scratch.values())
+        if bool(torch.isfinite(total)):
             for param, buf in scratch.items():
-                _add_into(tape.grads, param, buf)
+                _add_into(tape.grads, param, buf, record.grad_scale)
             return
         bad = ~record.per_sample_finite()
         record.zero_samples(bad)
-        scale = (~bad).float()
+        scale = (~bad).float() * record.grad_scale
         rule.accumulate(record, scale, tape.grads)
         self.dropped = bad if self.dropped is None else self.dropped | bad
 
@@ -148,11 +152,12 @@ class NoClipping(ClippingStrategy):
         self.dropped = None
 
 
-def _add_into(grads: dict, param, buf: torch.Tensor) -> None:
+def _add_into(grads: dict, param, buf: torch.Tensor, alpha: float) -> None:
+    """grads[param] += alpha * buf (adopting ``buf`` as the accumulator on first use)."""
     if param in grads:
-        grads[param].add_(buf)
+        grads[param].add_(buf, alpha=alpha)
     else:
-        grads[param] = buf
+        grads[param] = buf.mul_(alpha) if alpha != 1 else buf
 
 
 def make_strategy(

@@ -43,4 +43,4 @@ def gaussian_noise_torch(
     generator = torch.Generator(device=device)
     generator.manual_seed(mix_key(seed, step, stream))
     noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    return noise.mul_(std)
+    return noise if std == 1.0 else noise.mul_(std)

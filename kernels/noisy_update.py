@@ -19,11 +19,13 @@ def noisy_gradient_torch(
 ) -> torch.Tensor:
     """float32 (grad_sum + noise) * scale: the DP gradient of one parameter."""
     g = grad_sum.float()
-    if noise_std > 0:
-        g = g + gaussian_noise_torch(
-            g.shape, std=noise_std, seed=seed, step=step, stream=stream, device=g.device
-        )
-    return g * scale
+    if noise_std <= 0:
+        return g * scale
+    noise = gaussian_noise_torch(
+        g.shape, std=1.0, seed=seed, step=step, stream=stream, device=g.device
+    )
+    # scale * g + (noise_std * scale) * xi, in place on the fresh noise tensor
+    return noise.mul_(noise_std * scale).add_(g, alpha=scale)
 
 
 @torch.no_grad()

@@ -56,7 +56,8 @@ def per_sample_norm_sq_torch(
     g = grad_outputs.float()
     batch, n_tokens, d_in = a.shape
     if n_tokens == 1:  # T = 1: ||a||^2 ||g||^2, both methods agree
-        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+        a_sq = torch.linalg.vector_norm(a.flatten(1), dim=1).square()
+        return a_sq * torch.linalg.vector_norm(g.flatten(1), dim=1).square()
     # chunk the batch so the per-chunk intermediate (T x T Grams or p x d gradients) stays
     # under _CHUNK_ELEMENTS: memory is bounded whatever B is
     per_sample = n_tokens * n_tokens if method == "ghost" else d_in * g.shape[2]

@@ -16,8 +16,9 @@ class Record:
 
     ``saved`` holds batch-first tensors from the forward (activations, normalised inputs,
     token ids); ``grad_output`` is G, the gradient of the loss with respect to the layer's
-    output, batch-first; ``grad_scale`` turns G into per-sample gradients (the physical
-    batch size under a mean-reduced loss, 1 under a sum).
+    output, batch-first. Rules work on G as it is; ``grad_scale`` (the physical batch size
+    under a mean-reduced loss, 1 under a sum) turns their results into per-sample gradients
+    and is applied by the clipping strategy.
     """
 
     module: nn.Module
@@ -59,7 +60,7 @@ class LayerRule:
         raise NotImplementedError
 
     def norm_sq(self, record: Record) -> torch.Tensor:
-        """(B,) float32 squared norms of the per-sample gradients of the trainable params."""
+        """(B,) float32 squared norms of the trainable params' per-sample gradients (of G)."""
         raise NotImplementedError
 
     def accumulate(
@@ -68,7 +69,8 @@ class LayerRule:
         scale: torch.Tensor | None,
         grads: dict[nn.Parameter, torch.Tensor],
     ) -> None:
-        """grads[p] += sum_i scale_i * grad_i(p) for the trainable params (float32 buffers)."""
+        """grads[p] += sum_i scale_i * grad_i(p) for the trainable params (float32 buffers);
+        ``scale`` None is the plain sum (no per-sample factor, no extra pass over G)."""
         raise NotImplementedError
 
 
@@ -91,19 +93,6 @@ def buffer_for(grads: dict[nn.Parameter, torch.Tensor], param: nn.Parameter) -> 
         buf = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         grads[param] = buf
     return buf
-
-
-def effective_scale(record: Record, scale: torch.Tensor | None) -> torch.Tensor:
-    """(B,) float32: the clip factors times the loss-reduction factor (ones if no clipping)."""
-    grad_output = record.grad_output
-    if scale is None:
-        return torch.full(
-            (grad_output.shape[0],),
-            record.grad_scale,
-            dtype=torch.float32,
-            device=grad_output.device,
-        )
-    return scale.float() * record.grad_scale
 
 
 def register_rule(*module_types: type[nn.Module]):

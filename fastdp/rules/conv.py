@@ -19,7 +19,6 @@ from fastdp.rules.base import (
     Record,
     buffer_for,
     detached,
-    effective_scale,
     register_rule,
     trainable,
 )
@@ -81,14 +80,14 @@ class ConvRule(LayerRule):
             norms += per_group.view(batch, module.groups).sum(1)
         if trainable(module, "bias") is not None:
             norms += grad_output.float().flatten(2).sum(2).square().sum(1)
-        return norms * record.grad_scale**2
+        return norms
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
         weight, bias = trainable(module, "weight"), trainable(module, "bias")
-        factors = effective_scale(record, scale)
-        shape = (-1,) + (1,) * (record.grad_output.dim() - 1)
-        grad_output = record.grad_output.float() * factors.view(shape)
+        grad_output = record.grad_output.float()
+        if scale is not None:
+            grad_output = grad_output * scale.view((-1,) + (1,) * (grad_output.dim() - 1))
         if weight is not None:
             x = padded_input(module, record.saved["input"]).float()
             grad_fn = (

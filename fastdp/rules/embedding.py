@@ -15,7 +15,6 @@ from fastdp.rules.base import (
     LayerRule,
     Record,
     buffer_for,
-    effective_scale,
     register_rule,
 )
 
@@ -71,11 +70,10 @@ class EmbeddingRule(LayerRule):
             unique_keys.shape[0], g.shape[1], dtype=torch.float32, device=g.device
         ).index_add_(0, inverse, g.float())
         norms.index_add_(0, unique_keys // module.num_embeddings, summed.square().sum(1))
-        return norms * record.grad_scale**2
+        return norms
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
-        factors = effective_scale(record, scale)
         sample, tokens, g = _flat_tokens(module, record)
-        rows = g.float() * factors[sample].unsqueeze(1)
+        rows = g.float() if scale is None else g.float() * scale[sample].unsqueeze(1)
         buffer_for(grads, module.weight).index_add_(0, tokens, rows)

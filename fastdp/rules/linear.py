@@ -13,7 +13,6 @@ from fastdp.rules.base import (
     Record,
     buffer_for,
     detached,
-    effective_scale,
     register_rule,
     trainable,
 )
@@ -33,20 +32,30 @@ def linear_norm_sq(
     """(B,) float32 squared per-sample norms of a linear map's weight and/or bias gradients.
 
     A: (B, T, d), G: (B, T, p). Weight: ghost or direct, whichever is cheaper for these shapes;
-    bias: ||sum_t g_t||^2.
+    bias: ||sum_t g_t||^2. For T = 1 both reduce to products of row norms:
+    ||g||^2 (||a||^2 + 1).
     """
-    norms = torch.zeros(grad_outputs.shape[0], dtype=torch.float32, device=grad_outputs.device)
-    if weight:
-        norms += per_sample_norm_sq(activations, grad_outputs)
+    if grad_outputs.shape[1] == 1:
+        g_sq = _row_norm_sq(grad_outputs)
+        if weight and bias:
+            return g_sq * (_row_norm_sq(activations) + 1.0)
+        return g_sq * _row_norm_sq(activations) if weight else g_sq
+    norms = per_sample_norm_sq(activations, grad_outputs) if weight else None
     if bias:
-        norms += grad_outputs.float().sum(1).square().sum(1)
+        bias_sq = _row_norm_sq(grad_outputs.sum(1, keepdim=True))
+        norms = bias_sq if norms is None else norms + bias_sq
     return norms
+
+
+def _row_norm_sq(tensor: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 squared Frobenius norm of each sample of a (B, ...) tensor."""
+    return torch.linalg.vector_norm(tensor.flatten(1), dim=1, dtype=torch.float32).square()
 
 
 def linear_accumulate(
     activations: torch.Tensor,
     grad_outputs: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None,
     weight_buf: torch.Tensor | None,
     bias_buf: torch.Tensor | None,
 ) -> None:
@@ -54,7 +63,8 @@ def linear_accumulate(
     if weight_buf is not None:
         clipped_linear_grad(activations, grad_outputs, scale, weight_buf, bias_buf)
     elif bias_buf is not None:
-        bias_buf.add_(torch.einsum("b,bp->p", scale, grad_outputs.float().sum(1)))
+        per_sample = grad_outputs.float().sum(1)
+        bias_buf.add_(per_sample.sum(0) if scale is None else scale @ per_sample)
 
 
 @register_rule(nn.Linear)
@@ -71,7 +81,7 @@ class LinearRule(LayerRule):
             weight=trainable(module, "weight") is not None,
             bias=trainable(module, "bias") is not None,
         )
-        return norms * record.grad_scale**2
+        return norms
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
@@ -79,7 +89,7 @@ class LinearRule(LayerRule):
         linear_accumulate(
             as_btd(record.saved["activations"]),
             as_btd(record.grad_output),
-            effective_scale(record, scale),
+            scale,
             buffer_for(grads, weight) if weight is not None else None,
             buffer_for(grads, bias) if bias is not None else None,
         )

@@ -15,7 +15,6 @@ from fastdp.rules.base import (
     LayerRule,
     Record,
     buffer_for,
-    effective_scale,
     register_rule,
     trainable,
 )
@@ -68,13 +67,15 @@ class AffineNormRule(LayerRule):
         )
         for grad in _per_sample_affine_grads(record).values():
             norms += grad.flatten(1).square().sum(1)
-        return norms * record.grad_scale**2
+        return norms
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
-        factors = effective_scale(record, scale)
         for name, per_sample in _per_sample_affine_grads(record).items():
             param = getattr(record.module, name)
-            buffer_for(grads, param).add_(torch.einsum("b,b...->...", factors, per_sample))
+            if scale is None:
+                buffer_for(grads, param).add_(per_sample.sum(0))
+            else:
+                buffer_for(grads, param).add_(torch.einsum("b,b...->...", scale, per_sample))
 
 
 @register_rule(nn.LayerNorm)
