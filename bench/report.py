@@ -173,6 +173,11 @@ def render(results: Path) -> str:
         "Peak memory: CUDA max allocated (GPU) or the process's peak RSS delta (CPU). "
         "FLOP floor: (non-private + cheaper per-layer norm FLOPs) / non-private.",
         "",
+        "File names carry the device: `cpu<N>t` is a CPU run with N torch threads (`--threads`); "
+        "`-quick` marks `--quick` sizes. A CPU shared with other jobs makes multi-threaded "
+        "OpenMP timings erratic, so CPU runs here pin one thread; ratios are formed within "
+        "one run either way. The CPU targets are the issue's; GPU targets need a GPU run.",
+        "",
     ]
     for path in sorted(Path(results).glob("*.csv")):
         rows = read_csv(path)
