@@ -14,7 +14,12 @@ from fastdp.theory.experiments import cli, sweep
 from fastdp.theory.experiments.cifar10 import TRAIN_FILES, load_cifar10
 from fastdp.theory.experiments.data import ArrayDataset, load_dataset
 from fastdp.theory.experiments.protocol import ALGORITHMS, KEY_COLUMNS, SweepConfig
-from fastdp.theory.experiments.results import RESULTS_FILE, read_rows, slope_per_doubling
+from fastdp.theory.experiments.results import (
+    RESULTS_FILE,
+    paired_differences,
+    read_rows,
+    slope_per_doubling,
+)
 from fastdp.theory.experiments.train import train_run
 
 from fastdp.models import mlp
@@ -144,6 +149,17 @@ def test_slope_per_doubling_recovers_a_known_slope():
     assert fit["slope"] == pytest.approx(-0.03)
     assert fit["se_seeds"] == pytest.approx(0.0, abs=1e-12)
     assert fit["ci_low"] == pytest.approx(-0.03) and fit["ci_high"] == pytest.approx(-0.03)
+
+
+def test_paired_differences_subtract_sgd_at_the_same_seed():
+    table = {
+        "sgd": {8: {0: 0.5, 1: 0.6}, 16: {0: 0.7}},
+        "dp_sgd": {8: {0: 0.4, 1: 0.3}, 16: {0: 0.6, 1: 0.9}},
+    }
+    diffs = paired_differences(table)
+    assert list(diffs) == ["dp_sgd"]
+    assert diffs["dp_sgd"][8] == pytest.approx({0: -0.1, 1: -0.3})
+    assert diffs["dp_sgd"][16] == pytest.approx({0: -0.1})  # seed 1 has no sgd partner
 
 
 # ---- CIFAR-10 loader ----------------------------------------------------------------------

@@ -155,7 +155,8 @@ def slope_per_doubling(
 
 
 def report(rows: list[dict[str, str]], metric: str = "test_accuracy") -> str:
-    """Markdown table (mean ± std over seeds, in %) and slopes per doubling of B."""
+    """Markdown table (mean ± std over seeds, in %) and slopes per doubling of B, with the
+    paired differences to sgd and dp_sgd's epsilon per B."""
     table = group(rows, metric)
     if not table:
         return f"(no {metric} values)"
@@ -165,21 +166,46 @@ def report(rows: list[dict[str, str]], metric: str = "test_accuracy") -> str:
         "| algorithm | " + " | ".join(f"B={b}" for b in batches) + " | slope / doubling |",
         "|---" * (len(batches) + 2) + "|",
     ]
-    for algorithm in sorted(table, key=algorithm_order):
+    rows_out = [(a, table[a]) for a in sorted(table, key=algorithm_order)]
+    rows_out += [(f"{a} - sgd (paired)", d) for a, d in paired_differences(table).items()]
+    for label, by_b in rows_out:
         cells = []
         for b in batches:
-            mean, std, n = mean_std(table[algorithm].get(b, {}).values())
+            mean, std, n = mean_std(by_b.get(b, {}).values())
             cells.append(f"{100 * mean:.2f} ± {100 * std:.2f}" if n else "-")
-        fit = slope_per_doubling(table[algorithm])
+        fit = slope_per_doubling(by_b)
         slope = (
             f"{100 * fit['slope']:+.2f} (SE {100 * fit['se_seeds']:.2f}; "
             f"95% CI [{100 * fit['ci_low']:+.2f}, {100 * fit['ci_high']:+.2f}])"
         )
-        lines.append(f"| {algorithm} | " + " | ".join(cells) + f" | {slope} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {slope} |")
     if eps:
         cells = [f"{mean_std(eps.get(b, {}).values())[0]:.3g}" for b in batches]
         lines.append("| dp_sgd epsilon | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
+
+
+def paired_differences(
+    table: dict[str, dict[int, dict[int, float]]],
+) -> dict[str, dict[int, dict[int, float]]]:
+    """algorithm -> B -> seed -> (metric - sgd's metric at the same B and seed).
+
+    A seed fixes the initialisation and the sampled batches for every algorithm, so the
+    paired difference isolates what clipping and noise change, without the seed spread.
+    """
+    base = table.get("sgd", {})
+    out: dict[str, dict[int, dict[int, float]]] = {}
+    for algorithm in sorted(table, key=algorithm_order):
+        if algorithm == "sgd":
+            continue
+        diffs = {
+            b: {s: v - base[b][s] for s, v in per_seed.items() if s in base.get(b, {})}
+            for b, per_seed in table[algorithm].items()
+        }
+        diffs = {b: d for b, d in diffs.items() if d}
+        if diffs:
+            out[algorithm] = diffs
+    return out
 
 
 def algorithm_order(name: str) -> int:
