@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import torch
-from fastdp.theory.experiments.data import load_dataset, model_factory
+from fastdp.theory.experiments.data import ArrayDataset, load_dataset, model_factory
 from fastdp.theory.experiments.diagnostics import gradient_noise, noise_ratios
 from fastdp.theory.experiments.plots import plot_dir
 from fastdp.theory.experiments.protocol import KEY_COLUMNS, SweepConfig
@@ -58,6 +58,10 @@ def run_sweep(
             cache_dir=cache_dir,
         )
         print(f"data: {config.dataset}, {len(train)} train / {len(test)} test; model {model_name}")
+        if device != "cpu":  # keep the arrays on the accelerator: batches are gathered there
+            train, test = (
+                ArrayDataset(d.inputs.to(device), d.labels.to(device)) for d in (train, test)
+            )
         _noise_report(config, build_model, train, out, device)
     if todo:
         outer = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress)
