@@ -24,31 +24,41 @@ from fastdp.rules.base import (
 )
 
 
-def padded_input(module: nn.Conv1d | nn.Conv2d, input: torch.Tensor) -> torch.Tensor:
-    """The input with the module's padding applied explicitly (so later ops use padding 0)."""
+def padded_input(
+    module: nn.Conv1d | nn.Conv2d, input: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(input, padding) such that a zero-padded convolution with ``padding`` reproduces the
+    module: symmetric zero padding is passed through (no copy), anything else ('same' with an
+    even kernel, reflect/replicate/circular) is applied explicitly and the padding becomes 0."""
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return input, tuple(module.padding)
+    zeros = (0,) * len(module.kernel_size)
     pad = module._reversed_padding_repeated_twice
     if not any(pad):
-        return input
+        return input, zeros
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    return F.pad(input, pad, mode=mode)
+    return F.pad(input, pad, mode=mode), zeros
 
 
-def _as_2d(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor):
-    """Conv1d viewed as a Conv2d of height 1: (x, kernel, stride, dilation) in 2-D form."""
+def _as_2d(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, padding: tuple[int, ...]):
+    """Conv1d viewed as a Conv2d of height 1: (x, kernel, stride, dilation, padding) in 2-D."""
     if isinstance(module, nn.Conv1d):
         return (
             x.unsqueeze(2),
             (1, module.kernel_size[0]),
             (1, module.stride[0]),
             (1, module.dilation[0]),
+            (0, padding[0]),
         )
-    return x, module.kernel_size, module.stride, module.dilation
+    return x, module.kernel_size, module.stride, module.dilation, padding
 
 
-def unfolded(module: nn.Conv1d | nn.Conv2d, x_padded: torch.Tensor) -> torch.Tensor:
+def unfolded(
+    module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, padding: tuple[int, ...]
+) -> torch.Tensor:
     """(B * groups, L, C_in/groups * prod(kernel)): each sample-group as a linear map's input."""
-    x2d, kernel, stride, dilation = _as_2d(module, x_padded)
-    cols = F.unfold(x2d, kernel, dilation=dilation, stride=stride)  # (B, C_in * k, L)
+    x2d, kernel, stride, dilation, padding = _as_2d(module, x, padding)
+    cols = F.unfold(x2d, kernel, dilation=dilation, padding=padding, stride=stride)
     batch, _, length = cols.shape
     groups = module.groups
     cols = cols.view(batch, groups, -1, length).transpose(2, 3)
@@ -75,7 +85,7 @@ class ConvRule(LayerRule):
         batch = grad_output.shape[0]
         norms = torch.zeros(batch, dtype=torch.float32, device=grad_output.device)
         if trainable(module, "weight") is not None:
-            cols = unfolded(module, padded_input(module, record.saved["input"]))
+            cols = unfolded(module, *padded_input(module, record.saved["input"]))
             per_group = per_sample_norm_sq(cols, grouped_grad_output(module, grad_output))
             norms += per_group.view(batch, module.groups).sum(1)
         if trainable(module, "bias") is not None:
@@ -89,19 +99,19 @@ class ConvRule(LayerRule):
         if scale is not None:
             grad_output = grad_output * scale.view((-1,) + (1,) * (grad_output.dim() - 1))
         if weight is not None:
-            x = padded_input(module, record.saved["input"]).float()
+            x, padding = padded_input(module, record.saved["input"])
             grad_fn = (
                 torch.nn.grad.conv1d_weight
                 if isinstance(module, nn.Conv1d)
-                else (torch.nn.grad.conv2d_weight)
+                else torch.nn.grad.conv2d_weight
             )
             buffer_for(grads, weight).add_(
                 grad_fn(
-                    x,
+                    x.float(),
                     weight.shape,
                     grad_output,
                     stride=module.stride,
-                    padding=0,
+                    padding=padding,
                     dilation=module.dilation,
                     groups=module.groups,
                 )
