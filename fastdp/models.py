@@ -138,6 +138,6 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         batch, length = idx.shape
-        pos = torch.arange(length, device=idx.device).expand(batch, length)
+        pos = torch.arange(length, device=idx.device).expand(batch, length).contiguous()
         x = self.tokens(idx) + self.positions(pos)
         return self.head(self.ln(self.blocks(x)))
