@@ -144,6 +144,12 @@ def test_plot_and_report(tmp_path, mlp_rows, env):
     assert "models-cpu-test.csv" in text and "scaling-cpu-test.csv" in text
     assert "DP-SGD flat ≤ 1.3× torch" in text and "max physical batch" in text
     assert "![models-cpu-test](models-cpu-test.png)" in text
+    readme = tmp_path / "README-top.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nstale\n{report.README_END}\nrest\n")
+    assert report.update_readme(readme, tmp_path)
+    updated = readme.read_text()
+    assert "stale" not in updated and updated.startswith("intro") and updated.endswith("rest\n")
+    assert "models-cpu-test.csv" in updated and "DP-SGD flat ≤ 1.3× torch" in updated
 
 
 def test_logical_scaling_rows(env):
