@@ -4,7 +4,8 @@
   algorithm: mean over seeds with a ±std bar and every seed as a dot; a second panel for the
   EMA weights when the sweep used EMA.
 - ``accuracy_vs_step.png``: one panel per algorithm, test accuracy against the logical step,
-  one line per B (mean over seeds, band = min..max over seeds).
+  one line per B (mean over seeds, band = min..max over seeds); ``accuracy_vs_step_ema.png``
+  the same for the EMA weights when the sweep used EMA.
 """
 
 from __future__ import annotations
@@ -77,13 +78,16 @@ def plot_accuracy_vs_batch(rows: list[dict[str, str]], path: str | Path) -> None
     plt.close(fig)
 
 
-def plot_accuracy_vs_step(curve_rows: list[dict[str, str]], path: str | Path) -> None:
-    """Test accuracy against the step, one panel per algorithm, one line per B."""
+def plot_accuracy_vs_step(
+    curve_rows: list[dict[str, str]], path: str | Path, metric: str = "test_accuracy"
+) -> None:
+    """Test accuracy (or ``metric``) against the step, one panel per algorithm, one line
+    per B."""
     # (algorithm, B, seed, step) -> accuracy, later rows winning (a rerun after a crash).
     points: dict[tuple[str, int, int, int], float] = {}
     for row in curve_rows:
         key = (row["algorithm"], int(row["batch_size"]), int(row["seed"]), int(row["step"]))
-        points[key] = float(row["test_accuracy"])
+        points[key] = float(row[metric])
     algorithms = sorted({k[0] for k in points}, key=algorithm_order)
     batches = sorted({k[1] for k in points})
     cmap = plt.get_cmap("viridis")
@@ -112,7 +116,7 @@ def plot_accuracy_vs_step(curve_rows: list[dict[str, str]], path: str | Path) ->
         ax.set_title(algorithm)
         ax.set_xlabel("logical step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][0].set_ylabel(f"{metric.replace('_', ' ')} (%)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -137,4 +141,7 @@ def plot_dir(out_dir: str | Path, keys: set[tuple[str, ...]] | None = None) -> l
     if curves and not all(math.isnan(float(r["test_accuracy"])) for r in curves):
         plot_accuracy_vs_step(curves, out / "accuracy_vs_step.png")
         written.append(out / "accuracy_vs_step.png")
+    if curves and not all(math.isnan(float(r["ema_test_accuracy"])) for r in curves):
+        plot_accuracy_vs_step(curves, out / "accuracy_vs_step_ema.png", "ema_test_accuracy")
+        written.append(out / "accuracy_vs_step_ema.png")
     return written

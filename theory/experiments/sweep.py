@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ def run_sweep(
     config = config.replace(model=model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    settings = {**dataclasses.asdict(config), **_provenance()}
+    (out / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     runs = config.runs()
     done = finished_keys(out)
@@ -90,6 +92,21 @@ def run_sweep(
     (out / "report.md").write_text(text + "\n")
     print(text)
     return rows
+
+
+def _provenance() -> dict[str, str]:
+    """Code versions of this invocation (float rounding, hence single runs, depend on them)."""
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"git": commit or "unknown", "torch": torch.__version__}
 
 
 def _noise_known(out: Path, config: SweepConfig) -> bool:
