@@ -201,7 +201,15 @@ def test_cifar10_missing_files_say_where_to_put_them(tmp_path, capsys):
     code = cli.main(["batch-sweep", "--dataset", "cifar10", "--out", str(tmp_path / "o")])
     assert code == 1 and "--data-dir" in capsys.readouterr().err
     code = cli.main(
-        ["batch-sweep", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", "o2"]
+        [
+            "batch-sweep",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o2"),
+        ]
     )
     assert code == 1 and "data_batch_1" in capsys.readouterr().err
 
