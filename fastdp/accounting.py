@@ -10,6 +10,7 @@ at the same sigma/B simulates the large-batch one).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # opacus takes seconds to import: load it when an accountant is made
@@ -24,6 +25,32 @@ def make_accountant(name: str) -> IAccountant:
     from opacus.accountants import create_accountant
 
     return create_accountant(mechanism=name)
+
+
+# Opacus's PRV accountant discretises the privacy-loss distribution on a grid whose size
+# grows as sigma falls: at sigma ~ 0.03 it asks for tens of GB, at 0.13 it takes a minute.
+# Below this sigma fastdp answers with the RDP accountant (a valid, looser upper bound) and
+# says so; epsilons there are in the hundreds or more anyway.
+PRV_MIN_NOISE = 0.5
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of a (sigma, q, steps) history with the named Opacus accountant
+    (RDP instead of PRV below PRV_MIN_NOISE, with a warning)."""
+    if not history:
+        return 0.0
+    if accountant == "prv" and min(h[0] for h in history) < PRV_MIN_NOISE:
+        warnings.warn(
+            f"noise_multiplier < {PRV_MIN_NOISE}: the PRV accountant's grid becomes too large "
+            "to compute (tens of GB); reporting the RDP accountant's epsilon, a valid upper "
+            "bound. Pass accountant='rdp' to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        accountant = "rdp"
+    acc = make_accountant(accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
 
 
 def planned_epsilon(
@@ -46,9 +73,7 @@ def planned_epsilon(
         return 0.0
     if noise_multiplier == 0:
         return math.inf
-    acc = make_accountant(accountant)
-    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return float(acc.get_epsilon(delta=delta))
+    return epsilon_of([(noise_multiplier, sample_rate, steps)], delta, accountant)
 
 
 def noise_for_epsilon(

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastdp import checkpoint
-from fastdp.accounting import make_accountant, noise_for_epsilon
+from fastdp.accounting import epsilon_of, make_accountant, noise_for_epsilon
 from fastdp.clipping import MODES, make_strategy, total_clip_norm
 from fastdp.data import DPDataLoader
 from fastdp.optimizer import DPOptimizer
@@ -154,7 +154,7 @@ class PrivacyEngine:
             return 0.0
         if self.clipping == "none" or not self.noise_multiplier:
             return math.inf
-        return float(self.accountant.get_epsilon(delta=delta))
+        return epsilon_of(self.accountant.history, delta, self.accountant_name)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(

@@ -72,3 +72,12 @@ def test_scale_noise_keeps_sigma_over_b_and_epsilon_grows_with_rate():
     assert large < small  # TAN: at fixed sigma/B and steps, the larger batch is more private
     with pytest.raises(ValueError, match="sample_rate"):
         planned_epsilon(1.0, 1.5, 10, 1e-5)
+
+
+def test_prv_falls_back_to_rdp_below_min_noise_with_warning():
+    from fastdp.accounting import PRV_MIN_NOISE
+
+    sigma = PRV_MIN_NOISE / 4
+    with pytest.warns(RuntimeWarning, match="RDP accountant"):
+        eps = planned_epsilon(sigma, 0.01, 100, 1e-5, "prv")
+    assert eps == pytest.approx(planned_epsilon(sigma, 0.01, 100, 1e-5, "rdp"))
