@@ -15,7 +15,13 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 from torch.utils.data._utils.collate import default_collate
 
 from fastdp.kernels.noise import mix_key
@@ -52,6 +58,14 @@ def poisson_indices(num_samples: int, sample_rate: float, seed: int, step: int) 
         picked.append(positions[positions < num_samples])
         position = int(positions[-1])
     return torch.cat(picked)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, poisson: bool, drop_last: bool) -> int:
+    """Logical steps in one epoch: round(1/q) under Poisson sampling, else the batches."""
+    if poisson:
+        return max(1, round(num_samples / min(batch_size, num_samples)))
+    full, rest = divmod(num_samples, batch_size)
+    return full + (1 if rest and not drop_last else 0)
 
 
 def fixed_batches(
@@ -131,6 +145,13 @@ class DPDataLoader:
         self.batch_size = int(batch_size)
         self.sample_rate = min(1.0, self.batch_size / self.num_samples)
         self.poisson_sampling = poisson_sampling
+        if not isinstance(data_loader.sampler, (RandomSampler, SequentialSampler)):
+            raise ValueError(
+                f"the data loader's sampler is a {type(data_loader.sampler).__name__}: fastdp "
+                "draws its own logical batches (Poisson or shuffled) over the whole dataset and "
+                "would ignore it. Pass a loader over the dataset you mean to train on (e.g. a "
+                "torch.utils.data.Subset) with shuffle=True/False and no custom sampler."
+            )
         self.shuffle = isinstance(data_loader.sampler, RandomSampler)
         self.drop_last = bool(data_loader.drop_last)
         self.max_physical_batch_size = max_physical_batch_size
@@ -149,10 +170,9 @@ class DPDataLoader:
 
     @property
     def logical_steps_per_epoch(self) -> int:
-        if self.poisson_sampling:
-            return max(1, round(1.0 / self.sample_rate))
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return steps_per_epoch(
+            self.num_samples, self.batch_size, self.poisson_sampling, self.drop_last
+        )
 
     def logical_batch(self, step: int) -> torch.Tensor:
         """Global indices of logical step ``step`` (all ranks)."""
@@ -211,6 +231,12 @@ class DPDataLoader:
 
     def __iter__(self) -> Iterator:
         """The remaining logical batches of the current epoch, as micro-batches."""
+        if self.optimizer.mid_logical_batch():
+            raise RuntimeError(
+                "the previous iteration stopped inside a logical batch whose clipped sums are "
+                "still pending; iterating again would add its first micro-batches twice. Call "
+                "optimizer.discard_logical_batch() first (or finish the logical batch)."
+            )
         plan = self._plan()
         self._plan_cache = None
         batches = self._fetch([chunk for _, chunks in plan for chunk in chunks])
@@ -223,5 +249,5 @@ class DPDataLoader:
                         "after every micro-batch the private loader yields."
                     )
                 batch = next(batches)
-                self.optimizer.signal_micro_batch(is_last=j == len(chunks) - 1)
+                self.optimizer.signal_micro_batch(is_last=j == len(chunks) - 1, size=len(chunks[j]))
                 yield batch

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from fastdp import checkpoint
 from fastdp.accounting import epsilon_of, make_accountant, noise_for_epsilon
 from fastdp.clipping import MODES, make_strategy, total_clip_norm
-from fastdp.data import DPDataLoader
+from fastdp.data import DPDataLoader, steps_per_epoch
 from fastdp.optimizer import DPOptimizer
 from fastdp.rules import registered_types, rule_for
 from fastdp.tape import Tape, handled_layers
@@ -73,6 +73,15 @@ class PrivacyEngine:
             if clipping != "none":
                 raise ValueError(f"clipping={clipping!r} needs a max_grad_norm > 0")
             max_grad_norm = 1.0
+        if clipping == "none" and not (
+            isinstance(max_grad_norm, (int, float))
+            and math.isfinite(max_grad_norm)
+            and max_grad_norm > 0
+        ):
+            raise ValueError(
+                "with clipping='none' max_grad_norm only scales the noise (std = sigma * "
+                f"max_grad_norm) and must be a finite number > 0, got {max_grad_norm!r}"
+            )
         layers = handled_layers(module)
         check_model(module)
         params = _optimizer_params(module, optimizer)
@@ -102,6 +111,16 @@ class PrivacyEngine:
         )
         dp_optimizer.expected_batch_size = loader.expected_batch_size
         tape.attach(module)
+        dp_optimizer.index_parameter_names()
+        if not poisson_sampling and clipping != "none":
+            warnings.warn(
+                "poisson_sampling=False: epsilon is computed as for Poisson sampling at "
+                "q = batch_size / N (as Opacus does), but fixed or shuffled batches do not "
+                "get that amplification, so it is not a formal guarantee. Keep "
+                "poisson_sampling=True for a proven epsilon.",
+                UserWarning,
+                stacklevel=2,
+            )
 
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = loader.sample_rate
@@ -128,8 +147,12 @@ class PrivacyEngine:
         batch_size = data_loader.batch_size
         if not batch_size:
             raise ValueError("the data loader needs a batch_size to derive the sample rate")
-        sample_rate = min(1.0, batch_size / len(data_loader.dataset))
-        steps = int(epochs) * max(1, round(1.0 / sample_rate))
+        num_samples = len(data_loader.dataset)
+        sample_rate = min(1.0, batch_size / num_samples)
+        poisson = kwargs.get("poisson_sampling", True)
+        steps = int(epochs) * steps_per_epoch(
+            num_samples, batch_size, poisson, bool(data_loader.drop_last)
+        )
         sigma = noise_for_epsilon(
             target_epsilon, target_delta, sample_rate, steps, self.accountant_name
         )
@@ -143,7 +166,9 @@ class PrivacyEngine:
         )
 
     def _account_step(self, optimizer: DPOptimizer) -> None:
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.accountant.step(
+            noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate
+        )
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0 before the first step; inf for Noisy-SGD or
@@ -220,12 +245,33 @@ def check_model(model: nn.Module) -> None:
                 f"(supported: {supported}). Rebuild it from supported layers or freeze it "
                 "with requires_grad_(False)."
             )
+        if isinstance(module, nn.Embedding):
+            _check_embedding(display, module)
         extra = set(own) - {"weight", "bias"}
         if extra:
             raise ValueError(
                 f"module '{display}' ({kind}) has trainable parameters {sorted(extra)} that "
                 f"the {kind} rule does not cover: freeze them or move them into a supported layer."
             )
+
+
+def _check_embedding(display: str, module: nn.Embedding) -> None:
+    if module.sparse:
+        raise ValueError(
+            f"module '{display}' (Embedding) has sparse=True: fastdp accumulates dense clipped "
+            "gradients; construct it with sparse=False."
+        )
+    if module.scale_grad_by_freq:
+        raise ValueError(
+            f"module '{display}' (Embedding) has scale_grad_by_freq=True, which couples samples "
+            "through batch-wide token counts (no per-sample gradient): set it to False."
+        )
+    if module.max_norm is not None:
+        raise ValueError(
+            f"module '{display}' (Embedding) has max_norm set: the forward renormalises, in "
+            "place and without noise, exactly the rows of the tokens in the batch, which "
+            "reveals which tokens were present. Use max_norm=None."
+        )
 
 
 def _optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

@@ -46,8 +46,10 @@ class DPOptimizer(Optimizer):
         self.original_optimizer = optimizer
         self.tape = tape
         self.params = params
-        self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
+        self._noise_multiplier = float(noise_multiplier)
+        self._max_grad_norm = float(max_grad_norm)
+        self.world_size = _world_size()
+        self._param_names: dict[nn.Parameter, str] = {}
         self.expected_batch_size = float(expected_batch_size)
         self.loss_reduction = loss_reduction
         self.seed = int(seed)
@@ -98,6 +100,24 @@ class DPOptimizer(Optimizer):
 
     # ---- private step ---------------------------------------------------------------------
     @property
+    def noise_multiplier(self) -> float:
+        """sigma (read-only: clipping, noise and accounting must change together)."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value) -> None:
+        raise AttributeError(_READ_ONLY.format(name="noise_multiplier"))
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clip norm C of the summed gradient (read-only, see ``noise_multiplier``)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        raise AttributeError(_READ_ONLY.format(name="max_grad_norm"))
+
+    @property
     def noise_std(self) -> float:
         """Standard deviation of the noise added to the clipped sum: sigma * C."""
         return self.noise_multiplier * self.max_grad_norm
@@ -107,9 +127,11 @@ class DPOptimizer(Optimizer):
         """float32 clipped sums accumulated since the last logical step."""
         return self.tape.grads
 
-    def signal_micro_batch(self, is_last: bool) -> None:
-        """Called by the private loader before it yields each micro-batch."""
+    def signal_micro_batch(self, is_last: bool, size: int | None = None) -> None:
+        """Called by the private loader before it yields each micro-batch of ``size``
+        samples (every handled layer must then see that leading dimension)."""
         self._pending_last = bool(is_last)
+        self.tape.expected_batch = size
 
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -122,13 +144,39 @@ class DPOptimizer(Optimizer):
                 f"sums are incomplete ({self.tape.invalid_reason}). Fix the model, then call "
                 "optimizer.discard_logical_batch() to start a new one."
             )
+        self._refuse_plain_gradients()
         pending, self._pending_last = self._pending_last, None
+        self.tape.expected_batch = None
         if pending is False:
             self.last_step_updated = False
             self.micro_steps_in_batch += 1
             return loss
         self._logical_step()
         return loss
+
+    def index_parameter_names(self) -> None:
+        """Remember 'layer.param' names for error messages (after the tape is attached)."""
+        self._param_names = {
+            p: f"{name}.{pname}"
+            for name, module in self.tape.layers
+            for pname, p in module.named_parameters(recurse=False)
+        }
+
+    def _refuse_plain_gradients(self) -> None:
+        """No parameter may carry an ordinary (unclipped) autograd gradient at step time:
+        one would come from a parameter used outside its layer's forward, or unfrozen /
+        added after make_private, and the wrapped optimizer would apply it as it is."""
+        for group in self.original_optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    name = self._param_names.get(p, f"a parameter of shape {tuple(p.shape)}")
+                    raise RuntimeError(
+                        f"{name} has an ordinary, unclipped gradient: it was used outside its "
+                        "layer's forward (e.g. F.linear(x, layer.weight)), unfrozen or added "
+                        "after make_private, or p.grad was set by hand. Call "
+                        "optimizer.zero_grad() and make the model private again after "
+                        "changing which parameters train."
+                    )
 
     def discard_logical_batch(self) -> None:
         """Drop the clipped sums of the unfinished logical batch (nothing is applied)."""
@@ -146,19 +194,28 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def _logical_step(self) -> None:
         grads = self.tape.grads
-        for p in self.params:
+        if _world_size() != self.world_size:
+            raise RuntimeError(
+                f"make_private saw {self.world_size} process(es) but {_world_size()} are "
+                "running now: initialise the process group before make_private so each rank "
+                "samples its share (otherwise the all-reduced sum outgrows the noise)."
+            )
+        params = [p for p in self.params if p.requires_grad]  # frozen since: no update
+        for p in params:
             if p not in grads:
                 grads[p] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for p in self.params:
+        if self.world_size > 1:
+            for p in params:
                 dist.all_reduce(grads[p])
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        sums = {p: grads[p] for p in self.params}
+        sums = {p: grads[p] for p in params}
         key = dict(noise_std=self.noise_std, scale=scale, seed=self.seed, step=self.logical_step)
         if not _fused_noisy_step(self.original_optimizer, sums, streams=self._streams, **key):
-            for p in self.params:
+            for p in params:
                 p.grad = noisy_gradient_torch(sums[p], stream=self._streams[p], **key).to(p.dtype)
             self.original_optimizer.step()
+            for p in params:
+                p.grad = None
         for buf in grads.values():
             buf.zero_()
         self.tape.dropped = 0
@@ -167,6 +224,18 @@ class DPOptimizer(Optimizer):
         self.last_step_updated = True
         for hook in self.step_hooks:
             hook(self)
+
+
+_READ_ONLY = (
+    "DPOptimizer.{name} is read-only: clipping, noise and accounting were set up together "
+    "by make_private. Make the model private again with the new value."
+)
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def _fused_noisy_step(optimizer: Optimizer, grad_sums, **kwargs) -> bool:

@@ -27,14 +27,35 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tape: Tape, record: Record, output: torch.Tensor, *params):
-        ctx.tape, ctx.record, ctx.n_params = tape, record, len(params)
+        ctx.tape, ctx.record, ctx.name, ctx.params = tape, record, record.name, params
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        passthrough = (None, None, grad_output) + (None,) * len(ctx.params)
+        if not _trains_parameters(ctx.params):
+            # torch.autograd.grad(loss, inputs) or backward(inputs=...) without these
+            # parameters: an input-gradient pass (adversarial examples, penalties), not a
+            # training step, so nothing is recorded
+            return passthrough
+        if ctx.record is None:
+            ctx.tape._fail(
+                f"a second backward pass went through module '{ctx.name}' on the same graph "
+                "(retain_graph=True): each sample would be counted twice in the logical "
+                "batch. Run a new forward pass for every backward."
+            )
         ctx.tape.on_backward(ctx.record, grad_output)
         ctx.record = None
-        return (None, None, grad_output) + (None,) * ctx.n_params
+        return passthrough
+
+
+def _trains_parameters(params: tuple[torch.Tensor, ...]) -> bool:
+    """Whether this backward pass accumulates gradients into any of ``params``."""
+    for param in params:
+        node = torch.autograd.graph.get_gradient_edge(param).node
+        if torch._C._will_engine_execute_node(node):
+            return True
+    return False
 
 
 class Tape:
@@ -49,6 +70,7 @@ class Tape:
         self.layers: list[tuple[str, nn.Module]] = []
         self.dropped = 0  # samples dropped for non-finite gradients since the last step
         self.invalid_reason: str | None = None
+        self.expected_batch: int | None = None  # set by the private loader per micro-batch
         self._root: nn.Module | None = None
         self._root_hook = None
         self._pass_calls: dict[nn.Module, int] = {}
@@ -77,10 +99,23 @@ class Tape:
 
     # ---- forward --------------------------------------------------------------------------
     def _start_pass(self, module, args) -> None:
+        if self._callback_queued:
+            # the previous backward raised (e.g. in a user hook) before fastdp could finish
+            # it: some layers may have added their share to the logical batch already
+            self.reset()
+            self.invalid_reason = "a backward pass was interrupted by an exception"
         self._pass_calls.clear()
         self._pass_batch = None
 
     def on_forward(self, name: str, module: nn.Module, batch: int) -> None:
+        if self.expected_batch is not None and batch != self.expected_batch:
+            raise ValueError(
+                f"module '{name}' ({type(module).__name__}) saw a leading dimension of {batch} "
+                f"but the micro-batch has {self.expected_batch} samples. fastdp needs every "
+                "layer input batch-first: do not flatten the batch with other dimensions "
+                "(e.g. (B*T, d)) or feed sequence-first tensors, and call embeddings of "
+                "positions on positions.expand(B, T)."
+            )
         calls = self._pass_calls.get(module, 0)
         if calls:
             raise RuntimeError(
@@ -114,12 +149,19 @@ class Tape:
         if self._backward_batch[1] != batch:
             self._fail(str(_batch_mismatch(self._backward_batch, (record.name, batch))))
         if batch:  # an empty (Poisson) micro-batch contributes nothing; the noise comes at step
-            self.strategy.on_layer(record, self)
+            self._guarded(self.strategy.on_layer, record, self)
+
+    def _guarded(self, call, *args):
+        """Run a strategy call; an exception aborts the logical batch (no partial sums)."""
+        try:
+            return call(*args)
+        except Exception as err:
+            self._fail(f"{type(err).__name__} in fastdp's backward: {err}")
 
     def _end_backward(self) -> None:
         self._callback_queued = False
         self._backward_seen.clear()
-        dropped = self.strategy.on_backward_end(self)
+        dropped = self._guarded(self.strategy.on_backward_end, self)
         if dropped:
             self.dropped += dropped
             warnings.warn(

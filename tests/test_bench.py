@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fastdp.bench import cli, harness, report, scaling, workloads
 from fastdp.bench.flops import flop_floor
 from fastdp.bench.plot import plot_csv

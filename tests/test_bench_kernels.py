@@ -17,6 +17,7 @@ import importlib
 
 import pytest
 import torch
+
 from fastdp.bench import workloads
 
 KERNEL_BENCHES = ("bench_per_sample_norm", "bench_clipped_grad", "bench_noisy_update")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import assert_low_precision_rule, enable_gpu, enable_interpreter
+
 from fastdp.kernels import config
 from fastdp.kernels.clipped_grad import clipped_linear_grad, clipped_linear_grad_torch
-from kernel_testing import assert_low_precision_rule, enable_gpu, enable_interpreter
 
 D_IN, D_OUT = 19, 23  # not multiples of any block
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fastdp.kernels import dispatch
 from fastdp.kernels.clipped_grad import clipped_linear_grad
 from fastdp.kernels.noisy_update import noisy_adamw_update, noisy_sgd_update

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+
 from fastdp.theory import dln, dln_sim
 
 RNG = np.random.default_rng(1234)

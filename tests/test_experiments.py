@@ -10,6 +10,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+
+from fastdp.models import mlp
 from fastdp.theory.experiments import cli, sweep
 from fastdp.theory.experiments.cifar10 import TRAIN_FILES, load_cifar10
 from fastdp.theory.experiments.data import ArrayDataset, load_dataset
@@ -21,8 +23,6 @@ from fastdp.theory.experiments.results import (
     slope_per_doubling,
 )
 from fastdp.theory.experiments.train import train_run
-
-from fastdp.models import mlp
 
 TOY = SweepConfig(
     num_samples=300,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+
 from fastdp.theory import lls, lls_overparam
 
 SCALES = np.array([1.5, 1.0, 0.6])

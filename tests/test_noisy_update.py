@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import assert_low_precision_rule, enable_gpu, enable_interpreter
+
 from fastdp.kernels import config
 from fastdp.kernels import noisy_update as nu
-from kernel_testing import assert_low_precision_rule, enable_gpu, enable_interpreter
 
 SHAPES = [(5, 3), (17,), (2, 3, 4), (1,), (67,)]  # odd sizes, several chunks, one < 4
 SGD_OPTIONS = [

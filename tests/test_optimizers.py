@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastdp.kernels.noisy_update import noisy_gradient_torch
 from kernel_testing import enable_interpreter, use_torch
 
 import fastdp
+from fastdp.kernels.noisy_update import noisy_gradient_torch
 from fastdp.optimizers import DPSGD, DPAdamW, fused_noisy_step
 
 MAKERS = {

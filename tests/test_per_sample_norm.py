@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import assert_low_precision_rule, enable_gpu, enable_interpreter
+
 from fastdp.kernels.per_sample_norm import (
     choose_method,
     direct_flops,
@@ -11,7 +13,6 @@ from fastdp.kernels.per_sample_norm import (
     per_sample_norm_sq,
     per_sample_norm_sq_torch,
 )
-from kernel_testing import assert_low_precision_rule, enable_gpu, enable_interpreter
 
 D_IN, D_OUT = 19, 23  # not multiples of any block
 

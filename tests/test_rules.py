@@ -66,6 +66,10 @@ def _cases():
             nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)),
             rand(5, 3, 4),
         ),
+        "layernorm2d": (
+            nn.Sequential(nn.Unflatten(1, (3, 4)), nn.LayerNorm((3, 4)), nn.Flatten()),
+            rand(4, 12),
+        ),
         "groupnorm": (
             nn.Sequential(nn.Conv1d(2, 6, 3), nn.GroupNorm(3, 6), nn.Flatten()),
             rand(4, 2, 7),

@@ -7,9 +7,9 @@ import json
 import math
 
 import pytest
-from fastdp.theory import cli
 
 from fastdp.cli import main as fastdp_main
+from fastdp.theory import cli
 
 DLN_REQUIRED = {"method", "sigma", "seed", "alpha", "steps", "final_distance", "alpha_inf"}
 

@@ -36,25 +36,8 @@ def _flat_tokens(module: nn.Embedding, record: Record):
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
     def forward(self, module: nn.Embedding, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if module.sparse:
-            raise ValueError(
-                f"{type(module).__name__} with sparse=True is not supported by fastdp: "
-                "construct it with sparse=False."
-            )
-        output = F.embedding(
-            input,
-            module.weight.detach(),
-            module.padding_idx,
-            module.max_norm,
-            module.norm_type,
-            module.scale_grad_by_freq,
-            False,
-        )
-        if module.scale_grad_by_freq:
-            raise ValueError(
-                "nn.Embedding(scale_grad_by_freq=True) couples samples through batch-wide "
-                "token counts, so per-sample gradients are undefined: set it to False."
-            )
+        # sparse, scale_grad_by_freq and max_norm are refused by check_model
+        output = F.embedding(input, module.weight.detach(), module.padding_idx)
         return output, {"tokens": input.detach()}
 
     def norm_sq(self, record: Record) -> torch.Tensor:

@@ -72,6 +72,7 @@ class AffineNormRule(LayerRule):
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         for name, per_sample in _per_sample_affine_grads(record).items():
             param = getattr(record.module, name)
+            per_sample = per_sample.reshape(-1, *param.shape)  # multi-dim normalized_shape
             if scale is None:
                 buffer_for(grads, param).add_(per_sample.sum(0))
             else:
