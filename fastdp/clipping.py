@@ -87,23 +87,14 @@ class AutomaticClipping(FlatClipping):
         return self.max_grad_norm / (norms + self.gamma)
 
 
-class PerLayerClipping(ClippingStrategy):
-    """Each layer clipped to its own threshold inside backward; nothing is kept."""
+class _InBackward(ClippingStrategy):
+    """Strategies that finish each layer inside backward; they only remember which samples
+    they dropped (per layer) to report the count at the end of the pass."""
 
-    def __init__(self, thresholds: dict[str, float]) -> None:
-        self.thresholds = thresholds
+    def __init__(self) -> None:
         self.dropped: torch.Tensor | None = None
 
-    def on_layer(self, record: Record, tape) -> None:
-        rule = rule_for(record.module)
-        norms = rule.norm_sq(record).sqrt() * record.grad_scale
-        bad = ~torch.isfinite(norms)
-        threshold = self.thresholds[record.name]
-        scale = (threshold / (norms.nan_to_num(0.0) + _EPS)).clamp(max=1.0) * record.grad_scale
-        scale = torch.where(bad, torch.zeros_like(scale), scale)
-        if bool(bad.any()):
-            record.zero_samples(bad)
-        rule.accumulate(record, scale, tape.grads)
+    def _note_dropped(self, bad: torch.Tensor) -> None:
         self.dropped = bad if self.dropped is None else self.dropped | bad
 
     def on_backward_end(self, tape) -> int:
@@ -115,7 +106,27 @@ class PerLayerClipping(ClippingStrategy):
         self.dropped = None
 
 
-class NoClipping(ClippingStrategy):
+class PerLayerClipping(_InBackward):
+    """Each layer clipped to its own threshold inside backward; nothing is kept."""
+
+    def __init__(self, thresholds: dict[str, float]) -> None:
+        super().__init__()
+        self.thresholds = thresholds
+
+    def on_layer(self, record: Record, tape) -> None:
+        rule = rule_for(record.module)
+        norms = rule.norm_sq(record).sqrt() * record.grad_scale
+        bad = ~torch.isfinite(norms)
+        threshold = self.thresholds[record.name]
+        scale = (threshold / (norms.nan_to_num(0.0) + _EPS)).clamp(max=1.0) * record.grad_scale
+        scale = torch.where(bad, torch.zeros_like(scale), scale)
+        if bool(bad.any()):
+            record.zero_samples(bad)
+        rule.accumulate(record, scale, tape.grads)
+        self._note_dropped(bad)
+
+
+class NoClipping(_InBackward):
     """Noisy-SGD: the plain per-layer sum, accumulated inside backward, no norms.
 
     The sum goes to a scratch buffer first; only if it is not finite are the offending
@@ -123,9 +134,6 @@ class NoClipping(ClippingStrategy):
     """
 
     needs_norms = False
-
-    def __init__(self) -> None:
-        self.dropped: torch.Tensor | None = None
 
     def on_layer(self, record: Record, tape) -> None:
         rule = rule_for(record.module)
@@ -141,15 +149,7 @@ class NoClipping(ClippingStrategy):
         record.zero_samples(bad)
         scale = (~bad).float() * record.grad_scale
         rule.accumulate(record, scale, tape.grads)
-        self.dropped = bad if self.dropped is None else self.dropped | bad
-
-    def on_backward_end(self, tape) -> int:
-        dropped = 0 if self.dropped is None else int(self.dropped.sum())
-        self.dropped = None
-        return dropped
-
-    def reset(self) -> None:
-        self.dropped = None
+        self._note_dropped(bad)
 
 
 def _add_into(grads: dict, param, buf: torch.Tensor, alpha: float) -> None:
