@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from fastdp.kernels.noise import prefetch_noise_torch
 from fastdp.kernels.noisy_update import noisy_gradient_torch
 from fastdp.tape import Tape
 
@@ -222,6 +223,13 @@ class DPOptimizer(Optimizer):
         self.micro_steps_in_batch = 0
         self.logical_step += 1
         self.last_step_updated = True
+        if self.noise_std > 0 and self.params[0].device.type == "cpu":
+            prefetch_noise_torch(
+                {self._streams[p]: tuple(p.shape) for p in params},
+                seed=self.seed,
+                step=self.logical_step,
+                device=self.params[0].device,
+            )
         for hook in self.step_hooks:
             hook(self)
 
