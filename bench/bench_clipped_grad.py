@@ -9,6 +9,7 @@ within 10% of its time). FLOPs: 2 * B * T * d * p.
 from __future__ import annotations
 
 import torch
+
 from fastdp.bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 from fastdp.kernels import clipped_grad as cg
 

@@ -11,6 +11,7 @@ The target is >= 80% of the device's memory bandwidth.
 from __future__ import annotations
 
 import torch
+
 from fastdp.bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 from fastdp.kernels import noisy_update as nu
 

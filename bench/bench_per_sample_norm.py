@@ -8,6 +8,7 @@ direct, A_i A_i^T and G_i G_i^T for ghost; the target is >= 70% of its TFLOP/s).
 from __future__ import annotations
 
 import torch
+
 from fastdp.bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 from fastdp.kernels import per_sample_norm as psn
 

@@ -21,12 +21,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
 from fastdp.bench.harness import RunConfig, device_slug, environment, measure_point
 from fastdp.bench.plot import plot_csv
 from fastdp.bench.scaling import batch_scaling, doublings, logical_scaling, seq_scaling
 from fastdp.bench.table import format_table, write_csv
 from fastdp.bench.workloads import PRESETS, PROVIDERS, parse_overrides, resolve_specs
-from tqdm import tqdm
 
 MODES = ("models", "scaling", "logical", "kernels", "all", "plot", "report")
 KERNEL_BENCHES = ("bench_per_sample_norm", "bench_clipped_grad", "bench_noisy_update")

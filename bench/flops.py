@@ -17,9 +17,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from fastdp.kernels.per_sample_norm import choose_method, direct_flops, ghost_flops
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from fastdp.kernels.per_sample_norm import choose_method, direct_flops, ghost_flops
 
 
 @dataclass

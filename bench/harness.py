@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from fastdp.bench.flops import flop_floor
 from fastdp.bench.workloads import BASELINE, ModelSpec, Step, build_step, model_loss
 

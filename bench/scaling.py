@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
+
 from fastdp.bench.harness import (
     MIB,
     MemoryProbe,
@@ -37,7 +39,6 @@ from fastdp.bench.workloads import (
     ModelSpec,
     model_loss,
 )
-from torch.utils.data import DataLoader, TensorDataset
 
 Tick = Callable[[str], None]
 

@@ -10,6 +10,7 @@ torch reference; the Triton kernel is in clipped_grad_triton.py.
 from __future__ import annotations
 
 import torch
+
 from fastdp.kernels.dispatch import use_triton
 from fastdp.kernels.noise import gaussian_noise_torch
 

@@ -17,6 +17,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
 from fastdp.kernels.dispatch import interpreter_enabled
 
 

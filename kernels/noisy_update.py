@@ -10,6 +10,7 @@ module holds the torch reference; the Triton kernel is in noisy_update_triton.py
 from __future__ import annotations
 
 import torch
+
 from fastdp.kernels.dispatch import use_triton
 from fastdp.kernels.noise import gaussian_noise_torch
 

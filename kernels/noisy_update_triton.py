@@ -24,6 +24,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from fastdp.kernels import config
 from fastdp.kernels.noise import mix_key
 from fastdp.kernels.triton_utils import check_same_device, tl_dtype, to_int64

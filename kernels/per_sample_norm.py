@@ -13,6 +13,7 @@ cached). This module holds the torch reference; the kernels are in per_sample_no
 from __future__ import annotations
 
 import torch
+
 from fastdp.kernels.dispatch import use_triton
 
 METHODS = ("ghost", "direct")

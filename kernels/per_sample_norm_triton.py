@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastdp.kernels import config
 from fastdp.kernels.triton_utils import check_same_device, dot_dtype
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import triton.language as tl
+
 from fastdp.kernels.dispatch import interpreter_enabled
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

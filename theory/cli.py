@@ -15,8 +15,9 @@ import math
 import time
 from pathlib import Path
 
-from fastdp.theory import dln_report, lls_report
 from tqdm import tqdm
+
+from fastdp.theory import dln_report, lls_report
 
 LLS_PRESETS = {
     "full": lls_report.LLSConfig(chains=400, steps=40_000, over_chains=400),

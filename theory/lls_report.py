@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
+
 from fastdp.theory import lls, lls_overparam
 
 

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
 from fastdp.theory.dln_report import DLNReport  # noqa: E402
 from fastdp.theory.lls_report import LLSReport  # noqa: E402
 

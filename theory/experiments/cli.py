@@ -115,6 +115,7 @@ def main(argv: list[str]) -> int:
     if args.command == "report":
         return _report(args.out, args.batch_sizes)
     import torch
+
     from fastdp.theory.experiments.sweep import run_sweep
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -19,10 +19,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from fastdp.theory.experiments.data import collate
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
+
+from fastdp.theory.experiments.data import collate
 
 
 def gradient_noise(

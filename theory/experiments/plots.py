@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
 from fastdp.theory.experiments.results import (  # noqa: E402
     CURVES_FILE,
     RESULTS_FILE,

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
 from fastdp.theory.experiments.protocol import KEY_COLUMNS, RunSpec, fmt
 from fastdp.theory.experiments.train import RunResult
 

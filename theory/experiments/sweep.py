@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+
 from fastdp.theory.experiments.data import ArrayDataset, load_dataset, model_factory
 from fastdp.theory.experiments.diagnostics import gradient_noise, noise_ratios
 from fastdp.theory.experiments.plots import plot_dir
@@ -20,7 +22,6 @@ from fastdp.theory.experiments.results import (
     report,
 )
 from fastdp.theory.experiments.train import train_run
-from tqdm.auto import tqdm
 
 
 def run_sweep(

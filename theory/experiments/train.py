@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from fastdp.theory.experiments.data import collate
-from fastdp.theory.experiments.protocol import RunSpec
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fastdp
+from fastdp.theory.experiments.data import collate
+from fastdp.theory.experiments.protocol import RunSpec
 
 PRV_MIN_SIGMA = 0.3
 TRAIN_LOSS_SAMPLES = 10_000  # the final training loss is measured on this many samples
