@@ -169,7 +169,7 @@ class DPOptimizer(Optimizer):
         added after make_private, and the wrapped optimizer would apply it as it is."""
         for group in self.original_optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and bool(p.grad.any()):  # zeros (set_to_none=False) pass
                     name = self._param_names.get(p, f"a parameter of shape {tuple(p.shape)}")
                     raise RuntimeError(
                         f"{name} has an ordinary, unclipped gradient: it was used outside its "

@@ -152,3 +152,13 @@ def test_prefetched_noise_is_the_noise_drawn_in_place():
         gaussian_noise_torch((11,), std=1.0, seed=9, step=6, stream=5),
         gaussian_noise_torch((11,), std=1.0, seed=9, step=6, stream=5),
     )
+
+
+def test_zero_filled_gradients_are_not_mistaken_for_plain_ones():
+    model = _mlp()
+    (engine, m, opt, loader), (x, y) = _private(model)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)  # what zero_grad(set_to_none=False) leaves behind
+    per_sample_loss(m(x[:4]), y[:4]).mean().backward()
+    opt.step()
+    assert opt.last_step_updated
