@@ -129,27 +129,43 @@ class PerLayerClipping(_InBackward):
 class NoClipping(_InBackward):
     """Noisy-SGD: the plain per-layer sum, accumulated inside backward, no norms.
 
-    The sum goes to a scratch buffer first; only if it is not finite are the offending
-    samples located (per-sample finiteness of the saved tensors) and dropped.
+    A NaN/Inf from one sample must not reach the sum, so each layer is checked before it is
+    added, by whichever check is cheaper: one reduction over the layer's saved tensors and G
+    (then the sum goes straight into the accumulator), or, when those are larger than the
+    parameters, one reduction over the layer's sum computed in a scratch buffer. Only if the
+    check fails are the offending samples located (per-sample finiteness) and dropped.
     """
 
     needs_norms = False
 
     def on_layer(self, record: Record, tape) -> None:
         rule = rule_for(record.module)
-        scratch: dict = {}
-        rule.accumulate(record, None, scratch)
-        # one reduction decides: NaN/Inf anywhere makes the total non-finite
-        total = sum(buf.sum() for buf in scratch.values())
-        if bool(torch.isfinite(total)):
-            for param, buf in scratch.items():
-                _add_into(tape.grads, param, buf, record.grad_scale)
-            return
+        inputs = [record.grad_output] + [t for t in record.saved.values() if t.is_floating_point()]
+        param_size = sum(p.numel() for p in record.module.parameters(recurse=False))
+        if sum(t.numel() for t in inputs) <= 2 * param_size:
+            if _finite(t.sum() for t in inputs):
+                scale = torch.full(
+                    (record.batch_size,), record.grad_scale, device=record.grad_output.device
+                )
+                rule.accumulate(record, scale, tape.grads)
+                return
+        else:
+            scratch: dict = {}
+            rule.accumulate(record, None, scratch)
+            if _finite(buf.sum() for buf in scratch.values()):
+                for param, buf in scratch.items():
+                    _add_into(tape.grads, param, buf, record.grad_scale)
+                return
         bad = ~record.per_sample_finite()
         record.zero_samples(bad)
         scale = (~bad).float() * record.grad_scale
         rule.accumulate(record, scale, tape.grads)
         self._note_dropped(bad)
+
+
+def _finite(sums) -> bool:
+    """One host sync: are all these (scalar) sums finite? NaN/Inf anywhere propagates."""
+    return bool(torch.isfinite(torch.stack([s.float() for s in sums])).all())
 
 
 def _add_into(grads: dict, param, buf: torch.Tensor, alpha: float) -> None:

@@ -208,6 +208,13 @@ class DPOptimizer(Optimizer):
         if self.world_size > 1:
             for p in params:
                 dist.all_reduce(grads[p])
+        if not bool(torch.isfinite(torch.stack([grads[p].sum() for p in params])).all()):
+            # per-sample NaN/Inf is dropped in backward; this catches overflow of finite values
+            raise RuntimeError(
+                "the clipped sum of this logical batch is not finite (overflow); nothing was "
+                "applied. Call optimizer.discard_logical_batch() and lower the learning rate "
+                "or the loss scale."
+            )
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         sums = {p: grads[p] for p in params}
         key = dict(noise_std=self.noise_std, scale=scale, seed=self.seed, step=self.logical_step)
