@@ -98,22 +98,12 @@ def clipped_linear_grad(
     out: (p, d) float32, bias_out: (p,) float32 or None, both updated in place.
     """
     _check(activations, grad_outputs, scale, out, bias_out)
+    impl = clipped_linear_grad_torch
     if use_triton(activations, grad_outputs, out):
         from fastdp.kernels import clipped_grad_triton
 
-        clipped_grad_triton.clipped_linear_grad(
-            activations,
-            grad_outputs,
-            scale,
-            out,
-            bias_out,
-            noise_std=noise_std,
-            seed=seed,
-            step=step,
-            stream=stream,
-        )
-        return
-    clipped_linear_grad_torch(
+        impl = clipped_grad_triton.clipped_linear_grad
+    impl(
         activations,
         grad_outputs,
         scale,
