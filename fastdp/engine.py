@@ -17,7 +17,8 @@ from fastdp.accounting import epsilon_of, make_accountant, noise_for_epsilon
 from fastdp.clipping import MODES, make_strategy, total_clip_norm
 from fastdp.data import DPDataLoader, steps_per_epoch
 from fastdp.optimizer import DPOptimizer
-from fastdp.rules import registered_types, rule_for
+from fastdp.rules import is_fallback, rule_for
+from fastdp.rules.generic import refusal, warn_fallback
 from fastdp.tape import Tape, handled_layers
 
 
@@ -239,12 +240,14 @@ def check_model(model: nn.Module) -> None:
                     "per-sample gradients do not exist. Replace it with nn.GroupNorm (or "
                     "LayerNorm), e.g. nn.GroupNorm(min(32, C), C)."
                 )
-            supported = ", ".join(sorted({t.__name__ for t in registered_types()}))
+            why, fix = refusal(module) or ("has no per-sample rule", "freeze it")
             raise ValueError(
-                f"module '{display}' ({kind}) has trainable parameters but no per-sample rule "
-                f"(supported: {supported}). Rebuild it from supported layers or freeze it "
-                "with requires_grad_(False)."
+                f"module '{display}' ({type(module).__module__}.{type(module).__qualname__}) "
+                f"has trainable parameters {sorted(own)} and {why}: {fix}."
             )
+        if is_fallback(rule):  # every own parameter, by torch.func: warn when costly
+            warn_fallback(display, module, model)
+            continue
         if isinstance(module, nn.Embedding):
             _check_embedding(display, module)
         extra = set(own) - {"weight", "bias"}

@@ -15,12 +15,21 @@ Rules see G as autograd delivers it; the loss-reduction factor (B for a mean) is
 the clipping strategy, so a rule never spends a pass over G on it.
 
 Rules register themselves with ``@register_rule(nn.Linear)``; ``rule_for(module)`` looks one up
-by exact type first, then by the first registered base class.
+by exact type first, then by the first registered base class, and otherwise answers with the
+generic torch.func fallback (fastdp/rules/generic.py) for any module owning trainable
+parameters that it can handle.
 """
 
 from __future__ import annotations
 
-from fastdp.rules import conv, embedding, linear, norm  # noqa: F401,E402  (registration)
-from fastdp.rules.base import LayerRule, Record, register_rule, registered_types, rule_for
+from fastdp.rules import conv, embedding, generic, linear, norm  # noqa: F401,E402  (registration)
+from fastdp.rules.base import (
+    LayerRule,
+    Record,
+    is_fallback,
+    register_rule,
+    registered_types,
+    rule_for,
+)
 
-__all__ = ["LayerRule", "Record", "register_rule", "registered_types", "rule_for"]
+__all__ = ["LayerRule", "Record", "is_fallback", "register_rule", "registered_types", "rule_for"]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[type[nn.Module], LayerRule] = {}
+_FALLBACK: list[LayerRule] = []  # the generic torch.func rule (fastdp/rules/generic.py)
 
 
 @dataclass
@@ -107,11 +108,18 @@ def register_rule(*module_types: type[nn.Module]):
     return wrap
 
 
+def register_fallback(rule: LayerRule) -> None:
+    """Install the rule used when no registered one applies (it says what it ``covers``)."""
+    _FALLBACK[:] = [rule]
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule for ``module``'s exact type, else for a registered base class.
+    """The rule for ``module``'s exact type, else for a registered base class, else the
+    generic per-sample fallback when it covers the module (None: nothing does).
 
     A subclass inherits its base's rule only if it does not override ``forward``: a rule
-    replays the base layer's computation, which a custom forward may not match.
+    replays the base layer's computation, which a custom forward may not match, so such a
+    subclass (timm's LayerNorm2d, a GroupNorm with its own forward) goes to the fallback.
     """
     rule = _REGISTRY.get(type(module))
     if rule is not None:
@@ -119,7 +127,15 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     for klass in type(module).__mro__[1:]:
         if klass in _REGISTRY and type(module).forward is klass.forward:
             return _REGISTRY[klass]
+    for fallback in _FALLBACK:
+        if fallback.covers(module):
+            return fallback
     return None
+
+
+def is_fallback(rule: LayerRule | None) -> bool:
+    """Whether ``rule`` is the generic fallback (it covers every own parameter)."""
+    return rule is not None and rule in _FALLBACK
 
 
 def registered_types() -> tuple[type[nn.Module], ...]:
