@@ -1,9 +1,14 @@
 """Checkpoints of a private run: model, optimizer, accountant history and step counters.
 
-The noise and the Poisson sample sets are pure functions of (seed, logical step), so the seed
-and the step counter are the whole random state: a resumed run draws exactly what the
-uninterrupted one would. Files are written to a temporary name in the same directory,
-fsynced and renamed over the target, so a crash mid-write leaves the previous checkpoint.
+The noise and the Poisson sample sets are pure functions of (secret, logical step), so the
+secret and the step counter are the whole random state: a resumed run draws exactly what the
+uninterrupted one would. The file also records the run's privacy facts (clipping mode, C and
+the per-layer thresholds, sigma, sample rate, dataset size, sampling, loss reduction, world
+size, accountant): a checkpoint only resumes into an engine made private with the same ones,
+or the accountant would report an epsilon for steps it did not take (e.g. unclipped
+Noisy-SGD steps resumed as flat clipping). The secret makes the file as sensitive as the
+data. Files are written to a temporary name in the same directory, fsynced and renamed over
+the target, so a crash mid-write leaves the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMAT = "fastdp-checkpoint-v1"
+FORMAT = "fastdp-checkpoint-v2"
 
 
 def save(engine, *, path, module: nn.Module, optimizer=None, **extra) -> None:
@@ -26,15 +31,17 @@ def save(engine, *, path, module: nn.Module, optimizer=None, **extra) -> None:
             "micro-batch position would be lost. Save right after a step() that updated the "
             "parameters (optimizer.last_step_updated is True)."
         )
+    run = engine.run
+    if run is None:
+        raise RuntimeError("save_checkpoint needs an engine that made a model private")
     payload = {
         "format": FORMAT,
         "module": module.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "logical_step": optimizer.logical_step if optimizer is not None else 0,
-        "seed": optimizer.seed if optimizer is not None else None,
+        "run": run.facts(),
+        "logical_step": run.logical_step,
+        "secret": run.secret,
         "accountant": {"name": engine.accountant_name, "history": list(engine.accountant.history)},
-        "noise_multiplier": engine.noise_multiplier,
-        "sample_rate": engine.sample_rate,
         "extra": extra,
     }
     target = Path(path)
@@ -64,22 +71,32 @@ def load(engine, *, path, module: nn.Module, optimizer=None) -> dict:
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a fastdp checkpoint ({FORMAT})")
-    if payload["accountant"]["name"] != engine.accountant_name:
-        raise ValueError(
-            f"checkpoint used the {payload['accountant']['name']!r} accountant, this engine "
-            f"{engine.accountant_name!r}: create PrivacyEngine(accountant="
-            f"{payload['accountant']['name']!r}) to resume it"
-        )
+    run = engine.run
+    if run is None:
+        raise RuntimeError("load_checkpoint needs an engine that made a model private first")
+    _check_same_run(payload["run"], run.facts(), path)
     module.load_state_dict(payload["module"])
+    if optimizer is not None and payload["optimizer"] is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    run.secret = payload["secret"]
+    run.logical_step = payload["logical_step"]
     if optimizer is not None:
-        if payload["optimizer"] is not None:
-            optimizer.load_state_dict(payload["optimizer"])
-        if payload["seed"] is not None and payload["seed"] != optimizer.seed:
-            optimizer.seed = payload["seed"]
-            if engine.data_loader is not None:
-                engine.data_loader.seed = payload["seed"]
-                engine.data_loader._epoch_cache = None
-        optimizer.logical_step = payload["logical_step"]
         optimizer.discard_logical_batch()
     engine.accountant.history = [tuple(h) for h in payload["accountant"]["history"]]
     return payload["extra"]
+
+
+def _check_same_run(saved: dict, current: dict, path) -> None:
+    """Refuse to resume into an engine whose privacy facts differ, naming the field."""
+    for field, value in saved.items():
+        now = current.get(field)
+        same = value == now
+        if isinstance(value, float) and isinstance(now, float):
+            same = value == now or abs(value - now) <= 1e-12 * max(abs(value), abs(now))
+        if not same:
+            raise ValueError(
+                f"checkpoint {str(path)!r} was written by a run with {field}={value!r}, but this "
+                f"engine has {field}={now!r}: resuming would account its steps under the wrong "
+                f"assumptions. Call make_private with {field}={value!r} (and the same other "
+                "settings) before load_checkpoint."
+            )

@@ -1,13 +1,22 @@
 """Clipping strategies: what happens to per-sample gradients during and after backward.
 
 - ``flat``: c_i = min(1, C / ||g_i||) from the norm over all layers; records are kept until
-  the end of backward, then every layer runs one clipped GEMM.
+  the micro-batch is finished (``optimizer.step()``), then every layer runs one clipped GEMM.
 - ``automatic``: c_i = C / (||g_i|| + gamma), gamma = 0.01 (normalised per-sample gradients).
 - ``per_layer``: layer l is clipped to its own threshold C_l inside backward and dropped.
 - ``none``: Noisy-SGD, no norms at all; each layer accumulates its plain sum inside backward.
 
 Every strategy drops samples whose gradient is NaN/Inf (their factor is 0 and their rows are
 zeroed before the GEMM, since 0 * NaN is NaN), and returns how many it dropped.
+
+Rounding: the rules return certified squared norms (upper bounds, after rounding, of what
+their clipped GEMMs add). The factors are formed in float64 with a relative margin of 2^-20,
+which covers the float32 rounding of the factor itself, of the row scaling c_i * G and of
+summing the layers' squared norms, so c_i * ||g_i|| <= C holds for the update as computed.
+
+A strategy carries its mode's facts: ``mode``, ``private`` (whether it bounds a sample's
+contribution) and ``sensitivity`` (the bound C on the summed gradient's change when one
+sample is added or removed; the noise std is sigma * sensitivity).
 """
 
 from __future__ import annotations
@@ -22,17 +31,27 @@ from fastdp.rules import Record, rule_for
 MODES = ("flat", "per_layer", "automatic", "none")
 AUTOMATIC_GAMMA = 0.01
 _EPS = 1e-6
+_MARGIN = 1.0 + 2.0**-20  # rounding margin of the clip factors (see the module docstring)
+
+
+def _norms(norm_sq: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """float64 per-sample norms from certified squared norms, inflated by the margin."""
+    return norm_sq.double().sqrt() * (grad_scale * _MARGIN)
 
 
 class ClippingStrategy:
-    """Interface. ``on_layer`` runs inside backward, ``on_backward_end`` after it."""
+    """Interface. ``on_layer`` runs inside backward, ``finish`` when the micro-batch closes
+    (``optimizer.step()``), after every backward pass of it."""
 
+    mode = ""
     needs_norms = True
+    private = True
+    sensitivity = 0.0
 
     def on_layer(self, record: Record, tape) -> None:
         raise NotImplementedError
 
-    def on_backward_end(self, tape) -> int:
+    def finish(self, tape) -> int:
         return 0
 
     def reset(self) -> None:
@@ -40,10 +59,13 @@ class ClippingStrategy:
 
 
 class FlatClipping(ClippingStrategy):
-    """One threshold on the norm over all layers; clipped GEMMs after backward."""
+    """One threshold on the norm over all layers; clipped GEMMs when the micro-batch closes."""
+
+    mode = "flat"
 
     def __init__(self, max_grad_norm: float) -> None:
         self.max_grad_norm = max_grad_norm
+        self.sensitivity = max_grad_norm
         self.records: list[Record] = []
         self.norm_sq: torch.Tensor | None = None
 
@@ -51,20 +73,20 @@ class FlatClipping(ClippingStrategy):
         return (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
 
     def on_layer(self, record: Record, tape) -> None:
-        layer_norm_sq = rule_for(record.module).norm_sq(record)
+        layer_norm_sq = rule_for(record.module).norm_sq(record).double()
         self.norm_sq = layer_norm_sq if self.norm_sq is None else self.norm_sq + layer_norm_sq
         self.records.append(record)
 
-    def on_backward_end(self, tape) -> int:
+    def finish(self, tape) -> int:
         records, norm_sq = self.records, self.norm_sq
         self.reset()
         if not records:
             return 0
-        grad_scale = records[0].grad_scale  # one backward pass: one batch size
-        norms = norm_sq.sqrt() * grad_scale
+        grad_scale = records[0].grad_scale  # one micro-batch: one batch size
+        norms = _norms(norm_sq, grad_scale)
         bad = ~torch.isfinite(norms)
         dropped = int(bad.sum())
-        factors = self.factors(norms.nan_to_num(0.0)) * grad_scale
+        factors = (self.factors(norms.nan_to_num(0.0)) * grad_scale).float()
         scale = torch.where(bad, torch.zeros_like(factors), factors)
         for record in records:
             if dropped:
@@ -78,6 +100,8 @@ class FlatClipping(ClippingStrategy):
 
 class AutomaticClipping(FlatClipping):
     """Automatic clipping (normalisation): c_i = C / (||g_i|| + gamma)."""
+
+    mode = "automatic"
 
     def __init__(self, max_grad_norm: float, gamma: float = AUTOMATIC_GAMMA) -> None:
         super().__init__(max_grad_norm)
@@ -97,7 +121,7 @@ class _InBackward(ClippingStrategy):
     def _note_dropped(self, bad: torch.Tensor) -> None:
         self.dropped = bad if self.dropped is None else self.dropped | bad
 
-    def on_backward_end(self, tape) -> int:
+    def finish(self, tape) -> int:
         dropped = 0 if self.dropped is None else int(self.dropped.sum())
         self.dropped = None
         return dropped
@@ -109,16 +133,20 @@ class _InBackward(ClippingStrategy):
 class PerLayerClipping(_InBackward):
     """Each layer clipped to its own threshold inside backward; nothing is kept."""
 
+    mode = "per_layer"
+
     def __init__(self, thresholds: dict[str, float]) -> None:
         super().__init__()
         self.thresholds = thresholds
+        self.sensitivity = math.sqrt(sum(c * c for c in thresholds.values()))
 
     def on_layer(self, record: Record, tape) -> None:
         rule = rule_for(record.module)
-        norms = rule.norm_sq(record).sqrt() * record.grad_scale
+        norms = _norms(rule.norm_sq(record), record.grad_scale)
         bad = ~torch.isfinite(norms)
         threshold = self.thresholds[record.name]
         scale = (threshold / (norms.nan_to_num(0.0) + _EPS)).clamp(max=1.0) * record.grad_scale
+        scale = scale.float()
         scale = torch.where(bad, torch.zeros_like(scale), scale)
         if bool(bad.any()):
             record.zero_samples(bad)
@@ -136,7 +164,13 @@ class NoClipping(_InBackward):
     check fails are the offending samples located (per-sample finiteness) and dropped.
     """
 
+    mode = "none"
     needs_norms = False
+    private = False
+
+    def __init__(self, noise_scale: float = 1.0) -> None:
+        super().__init__()
+        self.sensitivity = noise_scale  # no bound: only the noise std is sigma * this
 
     def on_layer(self, record: Record, tape) -> None:
         rule = rule_for(record.module)
@@ -185,7 +219,17 @@ def make_strategy(
     if clipping not in MODES:
         raise ValueError(f"unknown clipping mode {clipping!r}; use one of {', '.join(MODES)}")
     if clipping == "none":
-        return NoClipping()
+        if max_grad_norm is None:
+            max_grad_norm = 1.0
+        if not isinstance(max_grad_norm, (int, float)):
+            raise ValueError(
+                "with clipping='none' max_grad_norm only scales the noise (std = sigma * "
+                f"max_grad_norm) and must be a finite number > 0, got {max_grad_norm!r}"
+            )
+        _check_threshold(max_grad_norm)
+        return NoClipping(float(max_grad_norm))
+    if max_grad_norm is None:
+        raise ValueError(f"clipping={clipping!r} needs a max_grad_norm > 0")
     if clipping == "per_layer":
         if isinstance(max_grad_norm, (int, float)):
             _check_threshold(max_grad_norm)
@@ -212,10 +256,3 @@ def make_strategy(
 def _check_threshold(c: float) -> None:
     if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
         raise ValueError(f"max_grad_norm must be a finite number > 0, got {c!r}")
-
-
-def total_clip_norm(clipping: str, max_grad_norm: float | Sequence[float]) -> float:
-    """The sensitivity C of the summed gradient (sqrt of the sum of squares for per_layer)."""
-    if isinstance(max_grad_norm, (int, float)):
-        return float(max_grad_norm)
-    return math.sqrt(sum(float(c) ** 2 for c in max_grad_norm))

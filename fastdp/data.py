@@ -1,10 +1,13 @@
 """Logical batches (Poisson or fixed) delivered as memory-bounded physical micro-batches.
 
-The sample set of logical step t is a pure function of (seed, t): Poisson sampling draws the
-gaps between selected indices from a geometric law (exactly i.i.d. Bernoulli(q) membership,
-O(qN) work per step rather than O(N)); fixed batches come from a per-epoch permutation keyed
-by (seed, epoch). The loader's position is the optimizer's logical step counter, so a run
-restored from a checkpoint continues with the very batches the uninterrupted run would see.
+The sample set of logical step t is a pure function of (seed, t), ``seed`` being the run's
+128-bit secret: Poisson sampling draws the gaps between selected indices from a geometric law
+(exactly i.i.d. Bernoulli(q) membership, O(qN) work per step rather than O(N)) from Philox
+stream ``SAMPLING_STREAM``; fixed batches come from a per-epoch permutation (the argsort of
+Philox uniforms of stream ``SHUFFLE_STREAM`` at counter ``epoch``). The sample set stays as
+secret as the noise, which the amplification by sampling assumes (see kernels/noise.py). The
+loader's position is the optimizer's logical step counter, so a run restored from a
+checkpoint continues with the very batches the uninterrupted run would see.
 With torch.distributed every rank draws the same global sample set and keeps its own share
 (index % world_size == rank), so the union over ranks is the single-process batch.
 """
@@ -24,36 +27,28 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate
 
-from fastdp.kernels.noise import mix_key
-
-SAMPLING_STREAM = 1 << 40
-SHUFFLE_STREAM = 1 << 41
-
-
-def _generator(seed: int, counter: int, stream: int) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed(mix_key(seed, counter, stream))
-    return generator
+from fastdp.kernels.noise import SAMPLING_STREAM, SHUFFLE_STREAM, philox_uniform64
 
 
 def poisson_indices(num_samples: int, sample_rate: float, seed: int, step: int) -> torch.Tensor:
     """Sorted int64 indices in [0, num_samples), each present independently with prob q.
 
     Gaps between successive selected indices are i.i.d. Geometric(q) on {1, 2, ...}, drawn as
-    1 + floor(log(U) / log(1 - q)); equivalent to a Bernoulli(q) coin per index.
+    1 + floor(log(1 - U) / log(1 - q)) from Philox uniforms U in [0, 1); equivalent to a
+    Bernoulli(q) coin per index.
     """
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if sample_rate == 1.0:
         return torch.arange(num_samples)
-    generator = _generator(seed, step, SAMPLING_STREAM)
     log_keep = math.log1p(-sample_rate)
     expected = num_samples * sample_rate
     chunk = int(expected + 6 * math.sqrt(expected + 1) + 16)
-    picked, position = [], -1
+    picked, position, drawn = [], -1, 0
     while position < num_samples:
-        u = torch.rand(chunk, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
-        gaps = 1 + torch.floor(torch.log(u) / log_keep).to(torch.int64)
+        u = philox_uniform64(chunk, seed, step, SAMPLING_STREAM, offset=drawn)
+        drawn += chunk
+        gaps = 1 + torch.floor(torch.log1p(-u) / log_keep).to(torch.int64)
         positions = position + torch.cumsum(gaps, 0)
         picked.append(positions[positions < num_samples])
         position = int(positions[-1])
@@ -73,7 +68,8 @@ def fixed_batches(
 ) -> list[torch.Tensor]:
     """The logical batches of one epoch without Poisson sampling (the loader's batches)."""
     if shuffle:
-        order = torch.randperm(num_samples, generator=_generator(seed, epoch, SHUFFLE_STREAM))
+        keys = philox_uniform64(num_samples, seed, epoch, SHUFFLE_STREAM)
+        order = torch.argsort(keys, stable=True)
     else:
         order = torch.arange(num_samples)
     batches = list(order.split(batch_size))
@@ -112,13 +108,10 @@ class DPDataLoader:
     def __init__(
         self,
         data_loader: DataLoader,
-        optimizer,
         *,
         poisson_sampling: bool,
         max_physical_batch_size: int | None,
-        seed: int,
         rank: int = 0,
-        world_size: int = 1,
     ) -> None:
         dataset = data_loader.dataset
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
@@ -138,7 +131,7 @@ class DPDataLoader:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
         self.original = data_loader
         self.dataset = dataset
-        self.optimizer = optimizer
+        self.optimizer = None  # the DPOptimizer this loader drives (``drive``)
         self.num_samples = len(dataset)
         if self.num_samples == 0:
             raise ValueError("the data loader's dataset is empty")
@@ -155,11 +148,23 @@ class DPDataLoader:
         self.shuffle = isinstance(data_loader.sampler, RandomSampler)
         self.drop_last = bool(data_loader.drop_last)
         self.max_physical_batch_size = max_physical_batch_size
-        self.seed = seed
-        self.rank, self.world_size = rank, world_size
+        self.rank = rank
         self.collate = _EmptyAwareCollate(dataset, data_loader.collate_fn)
         self._epoch_cache: tuple[int, list[torch.Tensor]] | None = None
         self._plan_cache: tuple[tuple[int, int], list] | None = None
+
+    def drive(self, optimizer) -> None:
+        """Signal micro-batches to ``optimizer`` and read the run's secret and step from it."""
+        self.optimizer = optimizer
+
+    @property
+    def seed(self) -> int:
+        """The run's sampling secret (owned by the optimizer's ``run``)."""
+        return self.optimizer.run.secret
+
+    @property
+    def world_size(self) -> int:
+        return self.optimizer.run.world_size
 
     @property
     def expected_batch_size(self) -> float:
@@ -179,11 +184,11 @@ class DPDataLoader:
         if self.poisson_sampling:
             return poisson_indices(self.num_samples, self.sample_rate, self.seed, step)
         epoch, position = divmod(step, self.logical_steps_per_epoch)
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+        if self._epoch_cache is None or self._epoch_cache[0] != (epoch, self.seed):
             batches = fixed_batches(
                 self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch
             )
-            self._epoch_cache = (epoch, batches)
+            self._epoch_cache = ((epoch, self.seed), batches)
         return self._epoch_cache[1][position]
 
     def micro_batches(self, step: int) -> list[list[int]]:

@@ -13,6 +13,7 @@ keys both the noise and the Poisson sampling.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -20,8 +21,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from fastdp.kernels.noise import prefetch_noise_torch
+from fastdp.kernels.noise import NoiseKey, prefetch_noise
 from fastdp.kernels.noisy_update import noisy_gradient_torch
+from fastdp.state import PrivateRun
 from fastdp.tape import Tape
 
 
@@ -33,33 +35,45 @@ class DPOptimizer(Optimizer):
     """
 
     def __init__(
-        self,
-        optimizer: Optimizer,
-        *,
-        tape: Tape,
-        params: list[nn.Parameter],
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: float,
-        loss_reduction: str,
-        seed: int,
+        self, optimizer: Optimizer, *, tape: Tape, params: list[nn.Parameter], run: PrivateRun
     ) -> None:
         self.original_optimizer = optimizer
         self.tape = tape
         self.params = params
-        self._noise_multiplier = float(noise_multiplier)
-        self._max_grad_norm = float(max_grad_norm)
-        self.world_size = _world_size()
+        self.run = run
         self._param_names: dict[nn.Parameter, str] = {}
-        self.expected_batch_size = float(expected_batch_size)
-        self.loss_reduction = loss_reduction
-        self.seed = int(seed)
-        self.logical_step = 0
-        self.micro_steps_in_batch = 0  # micro-batches of the unfinished logical batch
         self.last_step_updated = False
+        self.last_step_sampled = False  # whether the private loader drew the last logical batch
         self.step_hooks: list[Callable[[DPOptimizer], None]] = []
         self._streams = {p: k for k, p in enumerate(params)}
         self._pending_last: bool | None = None
+        self._warned_unsampled = False
+
+    # ---- the run's state (owned by ``run``; read-only where privacy depends on it) -------
+    @property
+    def seed(self) -> int:
+        """The run's noise and sampling secret (128 bits)."""
+        return self.run.secret
+
+    @property
+    def logical_step(self) -> int:
+        return self.run.logical_step
+
+    @property
+    def micro_steps_in_batch(self) -> int:
+        return self.run.micro_step
+
+    @property
+    def world_size(self) -> int:
+        return self.run.world_size
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.run.expected_batch_size
+
+    @property
+    def loss_reduction(self) -> str:
+        return self.run.loss_reduction
 
     # ---- the wrapped optimizer's state ----------------------------------------------------
     @property
@@ -103,7 +117,7 @@ class DPOptimizer(Optimizer):
     @property
     def noise_multiplier(self) -> float:
         """sigma (read-only: clipping, noise and accounting must change together)."""
-        return self._noise_multiplier
+        return self.run.noise_multiplier
 
     @noise_multiplier.setter
     def noise_multiplier(self, value) -> None:
@@ -112,7 +126,7 @@ class DPOptimizer(Optimizer):
     @property
     def max_grad_norm(self) -> float:
         """The clip norm C of the summed gradient (read-only, see ``noise_multiplier``)."""
-        return self._max_grad_norm
+        return self.run.strategy.sensitivity
 
     @max_grad_norm.setter
     def max_grad_norm(self, value) -> None:
@@ -121,11 +135,13 @@ class DPOptimizer(Optimizer):
     @property
     def noise_std(self) -> float:
         """Standard deviation of the noise added to the clipped sum: sigma * C."""
-        return self.noise_multiplier * self.max_grad_norm
+        return self.run.noise_std
 
     @property
     def grad_sums(self) -> dict[nn.Parameter, torch.Tensor]:
-        """float32 clipped sums accumulated since the last logical step."""
+        """float32 clipped sums accumulated since the last logical step (reading them closes
+        the current micro-batch: its clipping is finished first)."""
+        self.tape.finish()
         return self.tape.grads
 
     def signal_micro_batch(self, is_last: bool, size: int | None = None) -> None:
@@ -139,6 +155,7 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.tape.finish()
         if self.tape.invalid_reason is not None:
             raise RuntimeError(
                 "the current logical batch was aborted by an earlier error and its clipped "
@@ -150,9 +167,9 @@ class DPOptimizer(Optimizer):
         self.tape.expected_batch = None
         if pending is False:
             self.last_step_updated = False
-            self.micro_steps_in_batch += 1
+            self.run.micro_step += 1
             return loss
-        self._logical_step()
+        self._logical_step(sampled=pending is not None)
         return loss
 
     def index_parameter_names(self) -> None:
@@ -184,16 +201,28 @@ class DPOptimizer(Optimizer):
         for buf in self.tape.grads.values():
             buf.zero_()
         self.tape.reset()
-        self.micro_steps_in_batch = 0
+        self.run.micro_step = 0
 
     def mid_logical_batch(self) -> bool:
         """True when clipped sums of an unfinished logical batch are pending."""
-        if self.micro_steps_in_batch:
+        if self.micro_steps_in_batch or self.tape.pending():
             return True
         return any(bool(buf.any()) for buf in self.tape.grads.values())
 
     @torch.no_grad()
-    def _logical_step(self) -> None:
+    def _logical_step(self, sampled: bool) -> None:
+        """One noisy update. ``sampled``: the private loader drew this logical batch (Poisson
+        at rate q); otherwise the batch came from elsewhere and gets no amplification."""
+        if not sampled and not self._warned_unsampled and self.run.strategy.private:
+            self._warned_unsampled = True
+            warnings.warn(
+                "optimizer.step() closed a logical batch that the private loader did not yield "
+                "(e.g. the original DataLoader was iterated after make_private). fastdp "
+                "accounts such a step with sample rate 1 (no amplification by sampling), so "
+                "epsilon grows much faster: iterate the loader make_private returned.",
+                UserWarning,
+                stacklevel=3,
+            )
         grads = self.tape.grads
         if _world_size() != self.world_size:
             raise RuntimeError(
@@ -217,7 +246,8 @@ class DPOptimizer(Optimizer):
             )
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         sums = {p: grads[p] for p in params}
-        key = dict(noise_std=self.noise_std, scale=scale, seed=self.seed, step=self.logical_step)
+        noise = NoiseKey(self.seed, self.logical_step, self.noise_std)
+        key = dict(noise=noise, scale=scale)
         if not _fused_noisy_step(self.original_optimizer, sums, streams=self._streams, **key):
             for p in params:
                 p.grad = noisy_gradient_torch(sums[p], stream=self._streams[p], **key).to(p.dtype)
@@ -227,15 +257,14 @@ class DPOptimizer(Optimizer):
         for buf in grads.values():
             buf.zero_()
         self.tape.dropped = 0
-        self.micro_steps_in_batch = 0
-        self.logical_step += 1
+        self.run.micro_step = 0
+        self.run.logical_step += 1
         self.last_step_updated = True
+        self.last_step_sampled = sampled
         if self.noise_std > 0 and self.params[0].device.type == "cpu":
-            prefetch_noise_torch(
+            prefetch_noise(
                 {self._streams[p]: tuple(p.shape) for p in params},
-                seed=self.seed,
-                step=self.logical_step,
-                device=self.params[0].device,
+                NoiseKey(self.seed, self.logical_step, self.noise_std),
             )
         for hook in self.step_hooks:
             hook(self)
@@ -254,8 +283,6 @@ def _world_size() -> int:
 
 
 def _fused_noisy_step(optimizer: Optimizer, grad_sums, **kwargs) -> bool:
-    try:
-        from fastdp.optimizers import fused_noisy_step
-    except ImportError:  # fused optimizers not built yet
-        return False
+    from fastdp.optimizers import fused_noisy_step
+
     return fused_noisy_step(optimizer, grad_sums, **kwargs)

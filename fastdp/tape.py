@@ -2,9 +2,16 @@
 
 ``Tape.attach(model)`` replaces the forward of every layer that has trainable parameters by
 its rule's forward (parameters detached, so autograd computes input gradients only) followed
-by a ``_Tap``: an identity whose backward hands the output gradient G to the clipping
-strategy. At the end of each backward pass (an autograd engine callback) the strategy
-finishes the pass, e.g. flat clipping forms the clip factors and runs the clipped GEMMs.
+by a ``_Tap``: an identity, in place on the layer output, whose backward hands the output
+gradient G to the clipping strategy.
+
+A micro-batch is the unit of clipping: every backward pass that runs between two
+``optimizer.step()`` calls belongs to it, and ``finish()`` (called by ``step()``) closes it,
+e.g. flat clipping forms the clip factors from the norms of *all* layers and runs the clipped
+GEMMs. So a sample's whole gradient is clipped once even when autograd splits the backward
+into nested passes (reentrant activation checkpointing runs one per segment), and a layer
+that receives a second backward in the same micro-batch (two views, split losses, two
+forwards summed) is refused: its samples would otherwise count twice.
 """
 
 from __future__ import annotations
@@ -15,25 +22,38 @@ import torch
 from torch import nn
 
 from fastdp.clipping import ClippingStrategy
+from fastdp.guards import BufferGuard
+from fastdp.probe import BatchAxisProbe
 from fastdp.rules import Record, rule_for
+
+_REPLAY = object()  # the record of a forward replayed by non-reentrant checkpointing
+
+
+def in_backward() -> bool:
+    """Whether autograd is executing a backward pass on this thread right now."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on the layer output; backward reports G to the tape.
+    """Identity on the layer output (in place, so later in-place ops such as a residual
+    ``out += x`` stay legal); backward reports G to the tape.
 
     The layer's parameters are inputs so that the output requires grad even when the layer
     input does not (first layer, embeddings); their gradient is reported as None.
     """
 
     @staticmethod
-    def forward(ctx, tape: Tape, record: Record, output: torch.Tensor, *params):
-        ctx.tape, ctx.record, ctx.name, ctx.params = tape, record, record.name, params
-        return output.view_as(output)
+    def forward(ctx, tape: Tape, record, output: torch.Tensor, *params):
+        ctx.tape, ctx.record, ctx.n_params = tape, record, len(params)
+        ctx.name = getattr(record, "name", "")
+        ctx.params = params
+        ctx.mark_dirty(output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        passthrough = (None, None, grad_output) + (None,) * len(ctx.params)
-        if not _trains_parameters(ctx.params):
+        passthrough = (None, None, grad_output) + (None,) * ctx.n_params
+        if ctx.record is _REPLAY or not _trains_parameters(ctx.params):
             # torch.autograd.grad(loss, inputs) or backward(inputs=...) without these
             # parameters: an input-gradient pass (adversarial examples, penalties), not a
             # training step, so nothing is recorded
@@ -71,13 +91,16 @@ class Tape:
         self.dropped = 0  # samples dropped for non-finite gradients since the last step
         self.invalid_reason: str | None = None
         self.expected_batch: int | None = None  # set by the private loader per micro-batch
+        self.probe = BatchAxisProbe(self)
+        self.guard: BufferGuard | None = None
         self._root: nn.Module | None = None
-        self._root_hook = None
-        self._pass_calls: dict[nn.Module, int] = {}
+        self._hooks: list = []
+        self._pass_calls: set[int] = set()  # modules called in the current forward pass
         self._pass_batch: tuple[str, int] | None = None
-        self._backward_batch: tuple[str, int] | None = None
-        self._backward_seen: set[int] = set()
-        self._callback_queued = False
+        self._awaiting_backward: set[int] = set()  # modules recorded in forward, no G yet
+        self._recorded: set[int] = set()  # modules that received G in this micro-batch
+        self._micro_batch: tuple[str, int] | None = None
+        self._open_passes: set[int] = set()  # graph tasks whose end callback is queued
 
     # ---- attaching ----------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -86,26 +109,41 @@ class Tape:
             module.forward = _RoutedForward(self, module, display, rule_for(module))
             self.layers.append((display, module))
         self._root = model
-        self._root_hook = model.register_forward_pre_hook(self._start_pass)
+        self.guard = BufferGuard(model)
+        self._hooks = [
+            model.register_forward_pre_hook(self._start_pass),
+            model.register_forward_hook(self._end_pass, with_kwargs=True),
+        ]
 
     def detach(self) -> None:
         """Restore the layers' own forwards."""
         for _, module in self.layers:
             if isinstance(module.__dict__.get("forward"), _RoutedForward):
                 del module.forward
-        if self._root_hook is not None:
-            self._root_hook.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self.layers.clear()
 
     # ---- forward --------------------------------------------------------------------------
     def _start_pass(self, module, args) -> None:
-        if self._callback_queued:
-            # the previous backward raised (e.g. in a user hook) before fastdp could finish
-            # it: some layers may have added their share to the logical batch already
+        if in_backward() or self.probe.active:
+            return  # checkpoint recomputation or the probe: not a new training forward
+        self.guard.before()
+        if self._open_passes:
+            # a backward raised (e.g. in a user hook) before autograd finished it: some
+            # layers may have added their share to the logical batch already
             self.reset()
             self.invalid_reason = "a backward pass was interrupted by an exception"
         self._pass_calls.clear()
         self._pass_batch = None
+        self._awaiting_backward.clear()
+
+    def _end_pass(self, module, args, kwargs, output) -> None:
+        if in_backward() or self.probe.active:
+            return
+        self.guard.after()
+        self.probe.after_forward(module, args, kwargs, output)
 
     def on_forward(self, name: str, module: nn.Module, batch: int) -> None:
         if self.expected_batch is not None and batch != self.expected_batch:
@@ -116,15 +154,14 @@ class Tape:
                 "(e.g. (B*T, d)) or feed sequence-first tensors, and call embeddings of "
                 "positions on positions.expand(B, T)."
             )
-        calls = self._pass_calls.get(module, 0)
-        if calls:
+        if id(module) in self._pass_calls:
             raise RuntimeError(
                 f"module '{name}' ({type(module).__name__}) was called twice in one forward "
                 "pass. fastdp computes per-sample gradients per layer call; reusing a layer "
                 "(or sharing its parameters) would give wrong per-sample norms. Use a separate "
                 "module for each use."
             )
-        self._pass_calls[module] = 1
+        self._pass_calls.add(id(module))
         if self._pass_batch is None:
             self._pass_batch = (name, batch)
         elif self._pass_batch[1] != batch:
@@ -132,22 +169,32 @@ class Tape:
 
     # ---- backward -------------------------------------------------------------------------
     def on_backward(self, record: Record, grad_output: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task not in self._open_passes:
+            # one callback per autograd graph task: nested (reentrant checkpoint) passes get
+            # their own; a pass whose callback never runs was interrupted
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self._open_passes.discard(task)
+            )
+            self._open_passes.add(task)
+        module_id = id(record.module)
+        self._awaiting_backward.discard(module_id)
+        if module_id in self._recorded:
+            self._fail(
+                f"module '{record.name}' appeared twice in the backward passes of one "
+                "micro-batch (two forward passes with one backward, or several backward "
+                "passes before optimizer.step()): each of its samples would be clipped and "
+                "counted once per pass. Run one forward and one backward per micro-batch and "
+                "call optimizer.step() after each."
+            )
+        self._recorded.add(module_id)
         record.grad_output = grad_output
         batch = grad_output.shape[0]
         record.grad_scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-            self._callback_queued = True
-            self._backward_batch = (record.name, batch)
-            self._backward_seen.clear()
-        if id(record.module) in self._backward_seen:
-            self._fail(
-                f"module '{record.name}' appeared twice in one backward pass (two forward "
-                "passes with one backward?). Call backward once per forward pass."
-            )
-        self._backward_seen.add(id(record.module))
-        if self._backward_batch[1] != batch:
-            self._fail(str(_batch_mismatch(self._backward_batch, (record.name, batch))))
+        if self._micro_batch is None:
+            self._micro_batch = (record.name, batch)
+        elif self._micro_batch[1] != batch:
+            self._fail(str(_batch_mismatch(self._micro_batch, (record.name, batch))))
         if batch:  # an empty (Poisson) micro-batch contributes nothing; the noise comes at step
             self._guarded(self.strategy.on_layer, record, self)
 
@@ -158,17 +205,24 @@ class Tape:
         except Exception as err:
             self._fail(f"{type(err).__name__} in fastdp's backward: {err}")
 
-    def _end_backward(self) -> None:
-        self._callback_queued = False
-        self._backward_seen.clear()
-        dropped = self._guarded(self.strategy.on_backward_end, self)
+    def finish(self) -> None:
+        """Close the micro-batch: the strategy clips what it kept (flat: all layers of all
+        backward passes since the last call) into the logical-batch sums."""
+        if self._open_passes and not in_backward():
+            self.reset()
+            self.invalid_reason = "a backward pass was interrupted by an exception"
+        if self.invalid_reason is not None:
+            return
+        dropped = self._guarded(self.strategy.finish, self)
+        self._recorded.clear()
+        self._micro_batch = None
         if dropped:
             self.dropped += dropped
             warnings.warn(
                 f"fastdp: {dropped} sample(s) had a non-finite (NaN/Inf) per-sample gradient "
                 "and were dropped: they contribute zero to this step.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     def _fail(self, message: str) -> None:
@@ -178,14 +232,19 @@ class Tape:
         raise RuntimeError(message)
 
     def reset(self) -> None:
-        """Forget the current backward pass (the autograd engine drops its callback when
+        """Forget the current micro-batch (the autograd engine drops its callbacks when
         backward raises) and anything the strategy kept from it."""
         self.strategy.reset()
-        self._callback_queued = False
-        self._backward_seen.clear()
-        self._backward_batch = None
+        self._open_passes.clear()
+        self._recorded.clear()
+        self._awaiting_backward.clear()
+        self._micro_batch = None
         self.invalid_reason = None
         self.dropped = 0
+
+    def pending(self) -> bool:
+        """Whether backward passes of an unfinished micro-batch were recorded."""
+        return bool(self._recorded)
 
     def layer_names(self) -> list[str]:
         return [name for name, _ in self.layers]
@@ -211,13 +270,23 @@ class _RoutedForward:
         self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
 
     def __call__(self, *args, **kwargs):
-        module = self.module_ref
+        module, tape = self.module_ref, self.tape
+        if tape.probe.active:
+            return tape.probe.run_layer(self, *args, **kwargs)
         if not torch.is_grad_enabled():
             return type(module).forward(module, *args, **kwargs)
         output, saved = self.rule.forward(module, *args, **kwargs)
-        self.tape.on_forward(self.name, module, output.shape[0])
+        if getattr(self.rule, "may_save_output", False):
+            output = output.clone()  # the tap marks its input dirty: keep autograd's copy
+        if in_backward() and id(module) in tape._awaiting_backward:
+            # non-reentrant checkpointing recomputes this layer's forward to refill saved
+            # tensors: replay the same ops, record nothing (the first forward's record stands)
+            return _Tap.apply(tape, _REPLAY, output, *self.params)
+        tape.on_forward(self.name, module, output.shape[0])
+        tape.probe.note_shape(output)
         record = Record(module=module, name=self.name, saved=saved)
-        return _Tap.apply(self.tape, record, output, *self.params)
+        tape._awaiting_backward.add(id(module))
+        return _Tap.apply(tape, record, output, *self.params)
 
 
 def handled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -230,4 +299,4 @@ def handled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-__all__ = ["Tape", "handled_layers"]
+__all__ = ["Tape", "handled_layers", "in_backward"]

@@ -116,7 +116,7 @@ def test_empty_batch_step_moves_parameters_by_noise_only():
     )
     for t in range(3000):
         if len(loader.micro_batches(t)[0]) == 0:
-            opt.logical_step = t
+            opt.run.logical_step = t
             break
     xb, yb = next(iter(loader))
     assert len(xb) == 0

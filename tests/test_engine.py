@@ -112,7 +112,7 @@ def _make(model, **kwargs):
 
 def test_refuses_batchnorm_naming_module_and_fix():
     model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
-    with pytest.raises(ValueError, match=r"'1' \(BatchNorm1d\).*GroupNorm"):
+    with pytest.raises(ValueError, match=r"'1' \(.*BatchNorm1d\).*GroupNorm"):
         _make(model)
 
 
@@ -241,10 +241,10 @@ def test_same_seed_bit_identical_different_seed_differs():
 
 
 def test_noise_independent_across_consecutive_steps():
-    from fastdp.kernels.noise import gaussian_noise_torch
+    from fastdp.kernels.noise import NoiseKey, philox_normal
 
-    first = gaussian_noise_torch((20000,), std=1.0, seed=1, step=0)
-    second = gaussian_noise_torch((20000,), std=1.0, seed=1, step=1)
+    first = philox_normal((20000,), NoiseKey(1, 0, 1.0), 0)
+    second = philox_normal((20000,), NoiseKey(1, 1, 1.0), 0)
     corr = float(torch.corrcoef(torch.stack([first, second]))[0, 1])
     assert abs(corr) < 5 / math.sqrt(20000)
 
@@ -275,8 +275,8 @@ def test_non_finite_sample_is_dropped_with_warning(mode):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         per_sample_loss(m(x), y).sum().backward()
+        opt.step()  # the micro-batch's clipping (and its warning) finishes at step
     assert any("2 sample(s)" in str(w.message) for w in caught)
-    opt.step()
     got = {n: before[n] - p.detach() for n, p in m.named_parameters()}
     assert all(torch.isfinite(p).all() for p in m.parameters())
     assert_close_sums(got, expected)
@@ -338,7 +338,7 @@ def test_two_forwards_one_backward_is_refused_and_recoverable():
     model = _mlp()
     (engine, m, opt, loader), (x, y) = _private(model, clipping="per_layer")
     loss = per_sample_loss(m(x[:4]), y[:4]).mean() + per_sample_loss(m(x[4:8]), y[4:8]).mean()
-    with pytest.raises(RuntimeError, match="appeared twice in one backward"):
+    with pytest.raises(RuntimeError, match="appeared twice in the backward passes"):
         loss.backward()
     with pytest.raises(RuntimeError, match="discard_logical_batch"):
         opt.step()
