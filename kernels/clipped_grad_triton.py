@@ -1,22 +1,21 @@
-"""Triton kernels for the clipped weight gradient sum_i c_i G_i^T A_i (+ noise).
+"""Triton kernels for the clipped weight gradient sum_i c_i G_i^T A_i (reference: clipped_grad.py).
 
 One GEMM with K = B*T rows: each program owns a (p, d) tile of ``out`` and steps over its share
 of the rows, loading G's rows already multiplied by their sample's c (in float32, then cast to
 the dot type), so the scaled G is never written. The bias gradient sum_r c_r g_r is reduced
-from the same G loads by the programs of the first column of tiles.
+from the same G loads by the programs of the first column of tiles. Noise is not added here:
+the optimizer's update adds it once per logical batch (noisy_update_triton.py).
 
-Split-K: a (1024, 1024) weight is only 64 tiles of 128 x 128 for 132 SMs, so the rows are split
-across S programs per tile, each writing a float32 partial; a second, elementwise pass adds the
-S partials, the existing ``out`` and the noise. It moves 8*S*p*d bytes (S = 4: 32 MiB for
-p = d = 1024) against 2*B*T*(p + d) bytes of bf16 inputs (2 GiB at B = 1024, T = 512), and keeps
-the sum deterministic (no float atomics). With S = 1 the GEMM's own epilogue does it.
+Split-K: a (768, 768) weight is only 36 tiles of 128 x 128 for 132 SMs, so the rows are split
+across S programs per tile (``config.clipped_grad_plan`` picks S from the occupancy), each
+writing a float32 partial; a second, elementwise pass adds the S partials to ``out``. It moves
+8*S*p*d bytes (S = 22: 104 MiB for p = d = 768) against 2*B*T*(p + d) bytes of bf16 inputs
+(192 MiB at B = 64, T = 1024) and keeps the sum deterministic (no float atomics). With S = 1 the
+GEMM's own epilogue adds into ``out``.
 
-Noise: N(0, noise_std^2) from Philox, ``tl.randn(key, row * d + col)`` with
-key = mix_key(seed, step, stream) (stream + 2**32 for the bias, as in the torch reference). The
-offset is the logical element index, so the noise does not depend on tiles or S. Offsets are
-int32 (p * d < 2**31 is checked): Philox then runs on 32-bit counters, which Triton >= 3.1 and
-3.9 treat alike, so the noise is the same across versions (int64 offsets switch to 64-bit
-Philox in older Triton).
+Tensor cores: operands are the inputs' common 16-bit type (bf16/fp16 MMA) or float32 with
+``input_precision`` "tf32" when torch.backends.cuda.matmul.allow_tf32 is set, else "ieee"
+(FMA units, a smaller tile: see config.py).
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ import triton
 import triton.language as tl
 
 from fastdp.kernels import config
-from fastdp.kernels.noise import mix_key
-from fastdp.kernels.triton_utils import check_same_device, dot_dtype, to_int64
+from fastdp.kernels.triton_utils import check_same_device, dot_dtype, tl_dtype
 
 
 @triton.jit
@@ -54,13 +52,9 @@ def _clipped_grad_kernel(
     stride_out_row,
     stride_out_col,
     stride_bias,
-    noise_std,
-    weight_key,
-    bias_key,
     HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,
-    ADD_NOISE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -71,8 +65,8 @@ def _clipped_grad_kernel(
 
     a_ptr: A (B, T, d), g_ptr: G (B, T, p), float32/bfloat16/float16; scale_ptr: (B,) float32;
     out_ptr: (p, d) float32; bias_ptr: (p,) float32. WRITE_PARTIAL: work_ptr (S, p, d) and
-    work_bias_ptr (S, p) float32 contiguous receive this split's sums instead (no noise);
-    otherwise out (+ bias) += sums + noise_std * randn(key, logical index).
+    work_bias_ptr (S, p) float32 contiguous receive this split's sums instead; otherwise
+    out (+ bias) += sums.
     """
     pid_tile = tl.program_id(0)
     pid_split = tl.program_id(1).to(tl.int64)
@@ -97,18 +91,18 @@ def _clipped_grad_kernel(
             g_ptr + offs_p[:, None] * stride_g_feat + g_rows[None, :],
             mask=mask_p[:, None] & mask_r[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         if HAS_SCALE:
             c = tl.load(scale_ptr + sample, mask=mask_r, other=0.0)
-            g_t = g_t * c[None, :]
+            g_t = g_t.to(tl.float32) * c[None, :]
         if HAS_BIAS:
-            bias_acc += tl.sum(g_t, axis=1)
+            bias_acc += tl.sum(g_t.to(tl.float32), axis=1)
         a = tl.load(
             a_ptr + a_rows[:, None] + offs_d[None, :] * stride_a_feat,
             mask=mask_r[:, None] & mask_d[None, :],
             other=0.0,
-        ).to(DOT_DTYPE)
-        acc = tl.dot(g_t.to(DOT_DTYPE), a, acc, input_precision=INPUT_PRECISION)
+        )
+        acc = tl.dot(g_t.to(DOT_DTYPE), a.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     mask = mask_p[:, None] & mask_d[None, :]
     mask_bias = offs_p < tl.where(tile_d == 0, d_out, 0)  # bias: first column of tiles only
     if WRITE_PARTIAL:
@@ -117,14 +111,9 @@ def _clipped_grad_kernel(
         if HAS_BIAS:
             tl.store(work_bias_ptr + pid_split * d_out + offs_p, bias_acc, mask=mask_bias)
     else:
-        if ADD_NOISE:
-            index = offs_p[:, None] * d_in + offs_d[None, :]  # < 2**31: checked on the host
-            acc += noise_std * tl.randn(weight_key, index.to(tl.int32))
         out = out_ptr + offs_p[:, None] * stride_out_row + offs_d[None, :] * stride_out_col
         tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
         if HAS_BIAS:
-            if ADD_NOISE:
-                bias_acc += noise_std * tl.randn(bias_key, offs_p.to(tl.int32))
             bias = bias_ptr + offs_p * stride_bias
             tl.store(bias, tl.load(bias, mask=mask_bias, other=0.0) + bias_acc, mask=mask_bias)
 
@@ -134,43 +123,43 @@ def _split_reduce_kernel(
     work_ptr,
     out_ptr,
     n_split,
-    n_rows,
+    n_elements,
     n_cols,
     stride_out_row,
     stride_out_col,
-    noise_std,
-    key,
-    ADD_NOISE: tl.constexpr,
+    OUT_CONTIGUOUS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out[r, c] += sum_s work[s, r, c] (+ noise_std * randn(key, r * n_cols + c)).
+    """out[r, c] += sum_s work[s, r, c].
 
-    work_ptr: (S, n_rows, n_cols) float32 contiguous (S may be 0); out_ptr: (n_rows, n_cols)
-    float32 with strides (a bias is n_rows = 1).
+    work_ptr: (S, n_rows, n_cols) float32 contiguous; out_ptr: (n_rows, n_cols) float32 with
+    strides (a bias is n_rows = 1). n_elements = n_rows * n_cols, computed on the host: every
+    integer argument here may be specialised to the constant 1 by Triton, so none is cast.
+    OUT_CONTIGUOUS: out is row-major contiguous (then loads and stores are 16-byte vectors).
     """
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    n_elements = n_rows.to(tl.int64) * n_cols
     mask = index < n_elements
-    row = index // n_cols
-    col = index - row * n_cols
     total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, n_split):
-        total += tl.load(work_ptr + s * n_elements + index, mask=mask, other=0.0)
-    if ADD_NOISE:
-        total += noise_std * tl.randn(key, index.to(tl.int32))
-    out = out_ptr + row * stride_out_row + col * stride_out_col
+    work = work_ptr + index
+    for _ in range(0, n_split):
+        total += tl.load(work, mask=mask, other=0.0)
+        work += n_elements
+    if OUT_CONTIGUOUS:
+        out = out_ptr + index
+    else:
+        row = index // n_cols
+        out = out_ptr + row * stride_out_row + (index - row * n_cols) * stride_out_col
     tl.store(out, tl.load(out, mask=mask, other=0.0) + total, mask=mask)
 
 
-def _reduce(
-    work: torch.Tensor, out2d: torch.Tensor, n_split: int, noise_std: float, key: int
-) -> None:
+def _reduce(work: torch.Tensor, out2d: torch.Tensor, spec: config.DeviceSpec | None) -> None:
     n_rows, n_cols = out2d.shape
-    block = 1024 if out2d.is_cuda else 256
-    grid = (triton.cdiv(n_rows * n_cols, block),)
+    cfg = config.reduce_config(spec)
+    grid = (triton.cdiv(n_rows * n_cols, cfg.block),)
+    contiguous = out2d.stride(1) == 1 and (n_rows == 1 or out2d.stride(0) == n_cols)
     _split_reduce_kernel[grid](
-        work, out2d, n_split, n_rows, n_cols, out2d.stride(0), out2d.stride(1),
-        float(noise_std), key, ADD_NOISE=noise_std > 0, BLOCK=block,
+        work, out2d, work.shape[0], n_rows * n_cols, n_cols, out2d.stride(0), out2d.stride(1),
+        OUT_CONTIGUOUS=contiguous, BLOCK=cfg.block, num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
@@ -180,13 +169,8 @@ def clipped_linear_grad(
     scale: torch.Tensor | None,
     out: torch.Tensor,
     bias_out: torch.Tensor | None = None,
-    *,
-    noise_std: float = 0.0,
-    seed: int = 0,
-    step: int = 0,
-    stream: int = 0,
 ) -> None:
-    """out += sum_i scale_i G_i^T A_i (+ noise); bias_out += sum_i scale_i sum_t G_it (+ noise).
+    """out += sum_i scale_i G_i^T A_i; bias_out += sum_i scale_i sum_t G_it.
 
     A: (B, T, d), G: (B, T, p), float32/bfloat16/float16, any strides; scale: (B,) any float
     dtype or None; out: (p, d) float32; bias_out: (p,) float32 or None. Shapes are checked by
@@ -197,48 +181,33 @@ def clipped_linear_grad(
     batch, n_tokens, d_in = activations.shape
     d_out = grad_outputs.shape[2]
     n_rows = batch * n_tokens
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-    weight_key = to_int64(mix_key(seed, step, stream))
-    bias_key = to_int64(mix_key(seed, step, stream + (1 << 32)))
-    if d_in == 0 or d_out == 0:
+    if d_in == 0 or d_out == 0 or n_rows == 0:
         return
-    if d_out * d_in >= 1 << 31:
-        raise ValueError(
-            f"a ({d_out}, {d_in}) weight has too many elements for int32 noise offsets"
-        )
-    if n_rows == 0:  # nothing to sum: only the noise, once
-        if noise_std > 0:
-            empty = torch.empty(0, dtype=torch.float32, device=device)
-            _reduce(empty, out, 0, noise_std, weight_key)
-            if bias_out is not None:
-                _reduce(empty, bias_out.view(1, d_out), 0, noise_std, bias_key)
-        return
-    cfg = config.clipped_grad_config(d_out, d_in, device)
-    n_tiles_d = triton.cdiv(d_in, cfg.block_n)
-    n_tiles = triton.cdiv(d_out, cfg.block_m) * n_tiles_d
-    n_split = config.split_k(n_tiles, n_rows, cfg.block_k, device)
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, n_split), cfg.block_k) * cfg.block_k
-    n_split = triton.cdiv(n_rows, rows_per_split)
-    if n_split > 1:
-        work = torch.empty(n_split, d_out, d_in, dtype=torch.float32, device=device)
-        work_bias = torch.empty(n_split, d_out, dtype=torch.float32, device=device)
+    for dtype in (activations.dtype, grad_outputs.dtype):
+        tl_dtype(dtype)  # a clear error for unsupported dtypes
+    spec = config.device_spec(device)
+    operand = config.operand_dtype(activations.dtype, grad_outputs.dtype)
+    plan = config.clipped_grad_plan(d_out, d_in, n_rows, operand, bias_out is not None, spec)
+    tile = plan.tile
+    n_tiles_d = triton.cdiv(d_in, tile.block_n)
+    if plan.n_split > 1:
+        work = torch.empty(plan.n_split, d_out, d_in, dtype=torch.float32, device=device)
+        work_bias = torch.empty(plan.n_split, d_out, dtype=torch.float32, device=device)
     else:
         work = work_bias = out  # unused
     scale_f32 = scale.float().contiguous() if scale is not None else out
     bias_arg = bias_out if bias_out is not None else out
-    _clipped_grad_kernel[(n_tiles, n_split)](
+    _clipped_grad_kernel[(plan.n_tiles, plan.n_split)](
         activations, grad_outputs, scale_f32, out, bias_arg, work, work_bias,
-        n_tokens, n_rows, d_in, d_out, n_tiles_d, rows_per_split,
+        n_tokens, n_rows, d_in, d_out, n_tiles_d, plan.rows_per_split,
         *activations.stride(), *grad_outputs.stride(), *out.stride(), bias_arg.stride(0),
-        float(noise_std), weight_key, bias_key,
-        HAS_SCALE=scale is not None, HAS_BIAS=bias_out is not None, WRITE_PARTIAL=n_split > 1,
-        ADD_NOISE=noise_std > 0,        DOT_DTYPE=dot_dtype(activations.dtype, grad_outputs.dtype),
-        INPUT_PRECISION=config.dot_precision(activations.dtype),
-        BLOCK_P=cfg.block_m, BLOCK_D=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias_out is not None,
+        WRITE_PARTIAL=plan.n_split > 1, DOT_DTYPE=dot_dtype(operand),
+        INPUT_PRECISION=config.dot_precision(operand),
+        BLOCK_P=tile.block_m, BLOCK_D=tile.block_n, BLOCK_K=tile.block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
-    if n_split > 1:
-        _reduce(work, out, n_split, noise_std, weight_key)
+    if plan.n_split > 1:
+        _reduce(work, out, spec)
         if bias_out is not None:
-            _reduce(work_bias, bias_out.view(1, d_out), n_split, noise_std, bias_key)
+            _reduce(work_bias, bias_out.view(1, d_out), spec)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastdp.kernels import config
-from fastdp.kernels.triton_utils import check_same_device, dot_dtype
+from fastdp.kernels.triton_utils import check_same_device, dot_dtype, tl_dtype
 
 
 @triton.jit
@@ -182,30 +182,33 @@ def per_sample_norm_sq(
     device = check_same_device(activations, grad_outputs)
     batch, n_tokens, d_in = activations.shape
     d_out = grad_outputs.shape[2]
-    operand = dot_dtype(activations.dtype, grad_outputs.dtype)
-    precision = config.dot_precision(activations.dtype)
+    for dtype in (activations.dtype, grad_outputs.dtype):
+        tl_dtype(dtype)  # a clear error for unsupported dtypes
+    spec = config.device_spec(device)
+    operand = config.operand_dtype(activations.dtype, grad_outputs.dtype)
+    precision = config.dot_precision(operand)
     if batch == 0 or n_tokens == 0 or d_in == 0 or d_out == 0:
         return torch.zeros(batch, dtype=torch.float32, device=device)
     strides = (*activations.stride(), *grad_outputs.stride())
     if method == "direct":
-        cfg = config.norm_direct_config(d_in, d_out, device)
+        cfg = config.norm_direct_config(d_in, d_out, operand, spec)
         n_tiles_d = triton.cdiv(d_in, cfg.block_n)
         n_tiles = triton.cdiv(d_out, cfg.block_m) * n_tiles_d
         partial = torch.empty(batch, n_tiles, dtype=torch.float32, device=device)
         _norm_direct_kernel[(batch * n_tiles,)](
             activations, grad_outputs, partial, n_tokens, d_in, d_out, n_tiles_d, n_tiles,
-            *strides, DOT_DTYPE=operand, INPUT_PRECISION=precision, BLOCK_P=cfg.block_m,
+            *strides, DOT_DTYPE=dot_dtype(operand), INPUT_PRECISION=precision, BLOCK_P=cfg.block_m,
             BLOCK_D=cfg.block_n, BLOCK_T=cfg.block_k, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
     elif method == "ghost":
-        cfg = config.norm_ghost_config(n_tokens, device)
+        cfg = config.norm_ghost_config(n_tokens, operand, spec)
         pairs = _block_pairs(triton.cdiv(n_tokens, cfg.block_m), device)
         n_pairs = pairs.shape[0]
         partial = torch.empty(batch, n_pairs, dtype=torch.float32, device=device)
         _norm_ghost_kernel[(batch * n_pairs,)](
             activations, grad_outputs, pairs, partial, n_tokens, d_in, d_out, n_pairs,
-            *strides, DOT_DTYPE=operand, INPUT_PRECISION=precision, BLOCK_T=cfg.block_m,
+            *strides, DOT_DTYPE=dot_dtype(operand), INPUT_PRECISION=precision, BLOCK_T=cfg.block_m,
             BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     else:

@@ -21,17 +21,13 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
         ) from None
 
 
-def dot_dtype(*dtypes: torch.dtype) -> tl.dtype:
-    """Operand type of ``tl.dot``: the inputs' common half type, else float32.
+def dot_dtype(operand: torch.dtype) -> tl.dtype:
+    """Triton type of the ``tl.dot`` operands (``config.operand_dtype`` of the inputs).
 
     Under the interpreter always float32: its ``tl.dot`` on bfloat16 operands returns garbage
     (Triton 3.9), and float32 products of bfloat16 values are exact, as on tensor cores.
     """
-    for dtype in dtypes:
-        tl_dtype(dtype)
-    if len(set(dtypes)) == 1 and not interpreter_enabled():
-        return _TL_DTYPES[dtypes[0]]
-    return tl.float32
+    return tl.float32 if interpreter_enabled() else tl_dtype(operand)
 
 
 def check_same_device(*tensors: torch.Tensor) -> torch.device:
@@ -41,9 +37,3 @@ def check_same_device(*tensors: torch.Tensor) -> torch.device:
             raise ValueError(f"tensors on different devices: {device} and {tensor.device}")
     return device
 
-
-def to_int64(value: int) -> int:
-    """A Python int as the signed 64-bit value Triton receives (keys are < 2**63)."""
-    if not 0 <= value < (1 << 63):
-        raise ValueError(f"key {value} does not fit a signed 64-bit integer")
-    return value
