@@ -8,6 +8,7 @@ G_i^T A_i (p x d). Two ways to get its squared norm without keeping it:
 
 ``per_sample_norm_sq`` picks the cheaper per call (T changes between calls, so nothing is
 cached). This module holds the torch reference; the kernels are in per_sample_norm_triton.py.
+Both are estimates: clipping uses the certified upper bounds of certified_norm.py.
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ def per_sample_norm_sq_torch(
 def per_sample_norm_sq(
     activations: torch.Tensor, grad_outputs: torch.Tensor, method: str | None = None
 ) -> torch.Tensor:
-    """||G_i^T A_i||_F^2 for every sample i, as float32 of shape (B,).
-
-    ``method`` None picks the cheaper of ghost and direct by FLOPs for these shapes.
+    """||G_i^T A_i||_F^2 for every sample i as computed by the backend (kernel or torch
+    reference), float32 of shape (B,): an ESTIMATE, which cancellation can push far below the
+    true value. Clipping must use ``certified_norm_sq`` / ``clipped_weight_bound_sq``.
     """
     _check(activations, grad_outputs)
     batch, n_tokens, d_in = activations.shape

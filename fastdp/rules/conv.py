@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdp.kernels.per_sample_norm import per_sample_norm_sq
+from fastdp.kernels.certified_norm import (
+    U32,
+    clipped_bias_bound_sq,
+    clipped_weight_bound_sq,
+    round_up_f32,
+)
 from fastdp.rules.base import (
     LayerRule,
     Record,
@@ -73,6 +78,13 @@ def grouped_grad_output(module: nn.Conv1d | nn.Conv2d, grad_output: torch.Tensor
     return g.reshape(batch * groups, -1, channels // groups)
 
 
+def _conv_rounding(device: torch.device) -> float:
+    """rho of the clipped convolution: c * G rounded to float32, then both operands to tf32
+    when cuDNN may use it (CUDA, torch.backends.cudnn.allow_tf32)."""
+    u_in = 2.0**-11 if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else 0.0
+    return (1.0 + U32) * (1.0 + u_in) ** 2 - 1.0
+
+
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(LayerRule):
     def forward(self, module, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -80,17 +92,24 @@ class ConvRule(LayerRule):
         return output, {"input": input.detach()}
 
     def norm_sq(self, record: Record) -> torch.Tensor:
+        """Certified, rounded up (kernels/per_sample_norm.py has the argument): the unfolded
+        weight bound per group plus the bias bound; the clipped weight gradient is a float32
+        convolution of c * G (rounded once: rho = u32, and tf32 operands on CUDA when cuDNN
+        allows them)."""
         module = record.module
         grad_output = record.grad_output
         batch = grad_output.shape[0]
-        norms = torch.zeros(batch, dtype=torch.float32, device=grad_output.device)
+        norms = torch.zeros(batch, dtype=torch.float64, device=grad_output.device)
         if trainable(module, "weight") is not None:
             cols = unfolded(module, *padded_input(module, record.saved["input"]))
-            per_group = per_sample_norm_sq(cols, grouped_grad_output(module, grad_output))
+            rho = _conv_rounding(grad_output.device)
+            per_group = clipped_weight_bound_sq(
+                cols, grouped_grad_output(module, grad_output), rho=rho
+            )
             norms += per_group.view(batch, module.groups).sum(1)
         if trainable(module, "bias") is not None:
-            norms += grad_output.float().flatten(2).sum(2).square().sum(1)
-        return norms
+            norms += clipped_bias_bound_sq(grad_output.flatten(2).transpose(1, 2))
+        return round_up_f32(norms * (1.0 + 2.0**-50))
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module

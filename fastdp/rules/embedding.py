@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdp.kernels.certified_norm import U32, U64, gamma, round_up_f32
 from fastdp.rules.base import (
     LayerRule,
     Record,
@@ -33,6 +34,34 @@ def _flat_tokens(module: nn.Embedding, record: Record):
     return sample, tokens, g
 
 
+def embedding_norm_sq(
+    sample: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, batch: int, n_rows: int
+) -> torch.Tensor:
+    """(B,) float32 certified squared norms, rounded up, of what ``accumulate`` adds per unit
+    of clip factor: rows sum_t fl(c g_t), c * g rounded once in float32 (u32).
+
+    The rows are summed in float64 (index_add, any order: error <= gamma64_T sum_t ||g_t||
+    in Frobenius norm), so sqrt(N_added) <= ||rows64|| (1 + gamma64) + (gamma64_T + u32) M,
+    M = sum_t ||g_t||: a direct method, nothing to cancel beyond float64 rounding.
+    """
+    norms = torch.zeros(batch, dtype=torch.float64, device=g.device)
+    if tokens.numel() == 0:
+        return norms.float()
+    keys = sample * n_rows + tokens
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    summed = torch.zeros(
+        unique_keys.shape[0], g.shape[1], dtype=torch.float64, device=g.device
+    ).index_add_(0, inverse, g.double())
+    norms.index_add_(0, unique_keys // n_rows, summed.square().sum(1))
+    mags = torch.zeros_like(norms).index_add_(
+        0, sample, torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
+    )
+    n_all = sample.shape[0] + g.shape[1] + 16
+    slack = gamma(n_all, U64) + U32
+    bound = (norms.sqrt() * (1 + 4 * gamma(n_all, U64)) + slack * mags).square()
+    return round_up_f32(bound * (1 + 2.0**-48))
+
+
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
     def forward(self, module: nn.Embedding, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -43,17 +72,8 @@ class EmbeddingRule(LayerRule):
     def norm_sq(self, record: Record) -> torch.Tensor:
         module = record.module
         batch = record.grad_output.shape[0]
-        norms = torch.zeros(batch, dtype=torch.float32, device=record.grad_output.device)
         sample, tokens, g = _flat_tokens(module, record)
-        if tokens.numel() == 0:
-            return norms
-        keys = sample * module.num_embeddings + tokens
-        unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        summed = torch.zeros(
-            unique_keys.shape[0], g.shape[1], dtype=torch.float32, device=g.device
-        ).index_add_(0, inverse, g.float())
-        norms.index_add_(0, unique_keys // module.num_embeddings, summed.square().sum(1))
-        return norms
+        return embedding_norm_sq(sample, tokens, g, batch, module.num_embeddings)
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module

@@ -6,8 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdp.kernels.certified_norm import (
+    clipped_bias_bound_sq,
+    clipped_weight_bound_sq,
+    round_up_f32,
+)
 from fastdp.kernels.clipped_grad import clipped_linear_grad
-from fastdp.kernels.per_sample_norm import per_sample_norm_sq
 from fastdp.rules.base import (
     LayerRule,
     Record,
@@ -29,27 +33,20 @@ def as_btd(tensor: torch.Tensor) -> torch.Tensor:
 def linear_norm_sq(
     activations: torch.Tensor, grad_outputs: torch.Tensor, weight: bool, bias: bool
 ) -> torch.Tensor:
-    """(B,) float32 squared per-sample norms of a linear map's weight and/or bias gradients.
+    """(B,) float32 certified squared per-sample norms of a linear map's weight and/or bias
+    gradients, rounded up: never below the squared norm of what the clipped GEMM adds per unit
+    of clip factor, rounding included (the argument is in kernels/per_sample_norm.py).
 
-    A: (B, T, d), G: (B, T, p). Weight: ghost or direct, whichever is cheaper for these shapes;
-    bias: ||sum_t g_t||^2. For T = 1 both reduce to products of row norms:
-    ||g||^2 (||a||^2 + 1).
+    A: (B, T, d), G: (B, T, p). Weight: ghost or direct, whichever is cheaper for these shapes,
+    plus its rounding bound (T = 1: ||a||^2 ||g||^2 from float64 row norms, no cancellation);
+    bias: ||sum_t g_t||^2 summed in float64, plus its rounding bound.
     """
-    if grad_outputs.shape[1] == 1:
-        g_sq = _row_norm_sq(grad_outputs)
-        if weight and bias:
-            return g_sq * (_row_norm_sq(activations) + 1.0)
-        return g_sq * _row_norm_sq(activations) if weight else g_sq
-    norms = per_sample_norm_sq(activations, grad_outputs) if weight else None
+    norms = torch.zeros(grad_outputs.shape[0], dtype=torch.float64, device=grad_outputs.device)
+    if weight:
+        norms += clipped_weight_bound_sq(activations, grad_outputs)
     if bias:
-        bias_sq = _row_norm_sq(grad_outputs.sum(1, keepdim=True))
-        norms = bias_sq if norms is None else norms + bias_sq
-    return norms
-
-
-def _row_norm_sq(tensor: torch.Tensor) -> torch.Tensor:
-    """(B,) float32 squared Frobenius norm of each sample of a (B, ...) tensor."""
-    return torch.linalg.vector_norm(tensor.flatten(1), dim=1, dtype=torch.float32).square()
+        norms += clipped_bias_bound_sq(grad_outputs)
+    return round_up_f32(norms * (1.0 + 2.0**-50))
 
 
 def linear_accumulate(

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdp.kernels.certified_norm import U32, U64, gamma, round_up_f32
 from fastdp.rules.base import (
     LayerRule,
     Record,
@@ -62,12 +63,19 @@ class AffineNormRule(LayerRule):
         return output, {"x_hat": x_hat.detach()}
 
     def norm_sq(self, record: Record) -> torch.Tensor:
+        """Certified, rounded up: ``accumulate`` adds c * v_i for the very per-sample vectors
+        v_i computed here (same float32 ops on the same tensors), each product c * v rounded
+        once (u32), so ||added|| <= c ||v_i|| (1 + u32); ||v_i||^2 is summed in float64
+        (relative error <= gamma64_n)."""
         norms = torch.zeros(
-            record.grad_output.shape[0], dtype=torch.float32, device=record.grad_output.device
+            record.grad_output.shape[0], dtype=torch.float64, device=record.grad_output.device
         )
+        size = 16
         for grad in _per_sample_affine_grads(record).values():
-            norms += grad.flatten(1).square().sum(1)
-        return norms
+            norms += torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=torch.float64).square()
+            size += grad[0].numel()
+        inflate = (1 + U32) ** 2 * (1 + 4 * gamma(size, U64))
+        return round_up_f32(norms * inflate)
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         for name, per_sample in _per_sample_affine_grads(record).items():

@@ -1,0 +1,351 @@
+"""Certified per-sample squared norms: upper bounds, rounding included, of the norm of what
+the clipped GEMM adds for each sample.
+
+A clip factor is only as private as the norm it divides by: the value handed to clipping must
+be an upper bound, rounding included, of the norm of what the clipped GEMM adds for the
+sample. The argument (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., 3.1):
+
+(1) A sum of n terms computed in floating point with unit roundoff u, in ANY order (serial,
+    pairwise, blocked, split-K, FMA), satisfies |fl(sum x) - sum x| <= gamma_n * sum |x|
+    with gamma_n = n u / (1 - n u): each term passes through at most n roundings. A dot
+    product of length n (a matmul entry) obeys the same with |x_k y_k| as the terms. The
+    bound is order-free, so it holds for the torch and Triton backends alike.
+(2) Operands rounded before the dot (tf32, c * g rounded to bf16) multiply each term by at
+    most (1 + u_in)^2; Hopper tensor cores may truncate instead of rounding, so on CUDA the
+    accumulation unit roundoff is taken as 2^-23 instead of 2^-24.
+(3) Underflow adds at most one smallest subnormal eta per product (gradual underflow makes
+    additions exact), an absolute term n * eta per entry.
+(4) Everything the bound itself needs (row norms nu_t = ||a_t||, ||g_t||, the quadratic forms
+    below) is a sum of non-negative terms, whose relative error is at most gamma_n for the
+    precision it is computed in; it is inflated by (1 + gamma) so it stays an upper bound.
+
+Ghost (exact N = sum_ts K^A_ts K^G_ts with Grams K^A = A A^T, K^G = G G^T):
+  |Khat^A_ts - K^A_ts| <= eps^A_ts = g_d nu^A_t nu^A_s (+ d eta), likewise eps^G with g_p, so
+  |N - sum Khat^A Khat^G| <= sum_ts eps^A |Khat^G| + |Khat^A| eps^G + eps^A eps^G
+                          =  g_d Q_A + g_p Q_G + g_d g_p S^2 (+ underflow terms),
+  Q_A = nu^A' |Khat^G| nu^A, Q_G = nu^G' |Khat^A| nu^G, S = sum_t ||a_t|| ||g_t||.
+  The products Khat^A Khat^G are rounded once in the working precision and summed in float64:
+  a further (u_w + gamma64_{T^2}) sum |Khat^A Khat^G| <= (u_w + gamma64_{T^2})(1 + g_p) Q_G.
+  For honest data |K_ts| is small off the diagonal, so Q_A, Q_G ~ N and the relative slack is
+  ~(d + p) u ~ 1e-5; near cancellation (N << S^2) the slack is large and the sample is flagged.
+Direct (Ghat = fl(G^T A)): ||Ghat - G^T A||_F <= || g_T |G|^T |A| ||_F <= g_T S, so
+  ||G^T A||_F <= ||Ghat||_F + g_T S (+ T eta sqrt(d p)). g_T S is ~T^1.5 u of the norm for
+  honest tokens, so the torch path forms Ghat from token blocks of length b (float32 GEMMs,
+  g_b) summed in float64, which makes it (g_b + gamma64) S.
+
+Certified value N_up = (computed + bound), always. Samples whose bound exceeds CERTIFY_RTOL of
+the computed value are recomputed (Triton -> torch float32 with the tight Gram bound -> torch
+float64 with its own, ~1e-13 relative, bound); the last level returns its N_up whatever its
+slack, so a certified value never falls below the true norm, and an honest sample is
+over-estimated by at most CERTIFY_RTOL relative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fastdp.kernels.dispatch import use_triton
+from fastdp.kernels.per_sample_norm import _CHUNK_ELEMENTS, METHODS, _check, choose_method
+
+CERTIFY_RTOL = 2.0**-11  # ~4.9e-4 of the squared norm: above it, recompute more precisely
+U32, U64 = 2.0**-24, 2.0**-53
+
+
+def gamma(n: float, u: float) -> float:
+    """gamma_n = n u / (1 - n u) (Higham's constant), inf once n u >= 1/2 (no bound)."""
+    nu = n * u
+    return nu / (1.0 - nu) if nu < 0.5 else math.inf
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """How a backend computes a dot product: ``u_acc`` the accumulation unit roundoff, ``u_in``
+    the rounding of each operand before it (0: exact), ``eta`` the smallest subnormal."""
+
+    u_acc: float
+    u_in: float = 0.0
+    eta: float = 2.0**-149
+
+    def dot_gamma(self, n: int) -> float:
+        """Relative error bound of a length-n dot product against |x| . |y|."""
+        return (1.0 + self.u_in) ** 2 * (1.0 + gamma(n, self.u_acc)) - 1.0
+
+
+def _tf32(device: torch.device) -> bool:
+    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def torch_arithmetic(dtype: torch.dtype, device: torch.device) -> Arithmetic:
+    """torch.bmm on ``dtype`` (float32 or float64) on ``device``."""
+    if dtype == torch.float64:
+        return Arithmetic(U64, 0.0, 2.0**-1074)
+    cuda = device.type == "cuda"
+    return Arithmetic(2 * U32 if cuda else U32, 2.0**-11 if _tf32(device) else 0.0)
+
+
+def triton_arithmetic(activations: torch.Tensor, grad_outputs: torch.Tensor) -> Arithmetic:
+    """The norm kernels: 16-bit inputs enter the dot unrounded (their own type or float32);
+    float32 inputs may be rounded to tf32; accumulation in float32, truncating on CUDA."""
+    device = activations.device
+    fp32_in = torch.float32 in (activations.dtype, grad_outputs.dtype)
+    return Arithmetic(2 * U32, 2.0**-11 if fp32_in and _tf32(device) else 0.0)
+
+
+def clipped_gemm_rounding(activations: torch.Tensor, grad_outputs: torch.Tensor) -> float:
+    """rho: the clipped GEMM adds c G~^T A~ with |G~ - c G| <= ((1+u32)(1+u_g) - 1)|c G| and
+    |A~ - A| <= u_a |A| (its operands, rounded: c * g in float32, then to the dot type), so
+    ||c G~^T A~ - c G^T A||_F <= c rho S with S = sum_t ||a_t|| ||g_t||,
+    rho = (1 + u32)(1 + u_g)(1 + u_a) - 1 (exact products, cross-sample accumulation aside).
+
+    torch path: float32 operands (tf32 on CUDA if allowed). Triton: both inputs of one 16-bit
+    type -> c * g rounded to it (bf16 2^-8, fp16 2^-11), A exact; else float32/tf32.
+    """
+    u_g = u_a = 2.0**-11 if _tf32(activations.device) else 0.0
+    if use_triton(activations, grad_outputs):
+        half = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+        same = activations.dtype == grad_outputs.dtype
+        if same and activations.dtype in half and activations.is_cuda:
+            u_g, u_a = half[activations.dtype], 0.0
+    return (1.0 + U32) * (1.0 + u_g) * (1.0 + u_a) - 1.0
+
+
+def row_norms(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, T) float64 ||x_t|| of a (B, T, k) tensor (relative error <= gamma64_{k+2})."""
+    return torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float64)
+
+
+def _inflate(n_terms: float) -> float:
+    """1 + a bound on the relative error of float64 non-negative sums of n_terms terms (4)."""
+    return 1.0 + 4.0 * gamma(n_terms + 16, U64)
+
+
+def _quad(kernel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B,) w' |K| w for K (B, T, T) and w (B, T), in K's precision (overwrites K with |K|)."""
+    kernel.abs_()
+    w = weights.to(kernel.dtype)
+    return torch.bmm(kernel, w.unsqueeze(2)).squeeze(2).mul_(w).sum(1).double()
+
+
+def _ghost_certified(a, g, nu_a, nu_g, arith: Arithmetic) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_hat, bound) float64 for one chunk: a, g float32 or float64 (the working type)."""
+    n_tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    gram_a = torch.bmm(a, a.transpose(1, 2))
+    gram_g = torch.bmm(g, g.transpose(1, 2))
+    n_hat = (gram_a * gram_g).sum((1, 2), dtype=torch.float64)
+    u_w = torch.finfo(a.dtype).eps / 2
+    q_a = _quad(gram_g, nu_a) * (1.0 + gamma(2 * n_tokens + 8, u_w))
+    q_g = _quad(gram_a, nu_g) * (1.0 + gamma(2 * n_tokens + 8, u_w))
+    g_d, g_p = arith.dot_gamma(d_in), arith.dot_gamma(d_out)
+    s = (nu_a * nu_g).sum(1)
+    bound = (
+        g_d * q_a
+        + g_p * q_g
+        + g_d * g_p * s.square()
+        + (u_w + gamma(n_tokens * n_tokens, U64)) * (1.0 + g_p) * q_g
+        + _underflow_ghost(nu_a, nu_g, arith.eta, d_in, d_out)
+    )
+    return n_hat, bound * _inflate(n_tokens * n_tokens + d_in + d_out)
+
+
+def _underflow_ghost(nu_a, nu_g, eta: float, d_in: int, d_out: int) -> torch.Tensor:
+    """(3) for the ghost sum: d eta per entry of K^A against |K^G| <= 2 nu^G nu^G', and back,
+    plus their product; generous: 2 (d + p) eta (sum nu^A + sum nu^G)^2 + T^2 d p eta^2."""
+    n_tokens = nu_a.shape[1]
+    total = nu_a.sum(1) + nu_g.sum(1)
+    return 2 * (d_in + d_out) * eta * total.square() + n_tokens**2 * d_in * d_out * eta**2
+
+
+def _direct_block(n_tokens: int, u_acc: float) -> int:
+    """Token block of the direct method: the error of a length-n dot is gamma_n S, and S is
+    ~sqrt(T) ||G^T A|| for independent tokens, so blocks keep 2 gamma_block sqrt(T) below a
+    quarter of CERTIFY_RTOL; block results are summed in float64 (error ~1e-16)."""
+    block = 1 << 30
+    while block > 16 and 2 * gamma(block + 4, u_acc) * math.sqrt(n_tokens) > CERTIFY_RTOL / 4:
+        block //= 2
+    return min(block, max(n_tokens, 1))
+
+
+def _direct_certified(a, g, nu_a, nu_g, arith: Arithmetic) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_hat, bound) float64 for one chunk: G^T A by token blocks of fp32 GEMMs (inner length
+    <= block, error gamma_block |G_b|^T |A_b|) summed in float64."""
+    batch, n_tokens, d_in = a.shape
+    d_out = g.shape[2]
+    block = _direct_block(n_tokens, arith.u_acc) if a.dtype != torch.float64 else n_tokens
+    n_blocks = -(-n_tokens // block)
+    if n_blocks == 1:
+        grads = torch.bmm(g.transpose(1, 2), a)
+    else:
+        pad = n_blocks * block - n_tokens  # zero rows add nothing, exactly
+        a_b = torch.nn.functional.pad(a, (0, 0, 0, pad)).view(batch * n_blocks, block, d_in)
+        g_b = torch.nn.functional.pad(g, (0, 0, 0, pad)).view(batch * n_blocks, block, d_out)
+        grads = torch.bmm(g_b.transpose(1, 2), a_b).view(batch, n_blocks, d_out, d_in)
+        grads = grads.sum(1, dtype=torch.float64)
+    root = row_norms(grads.flatten(1).unsqueeze(1)).squeeze(1)
+    g_block = arith.dot_gamma(block)
+    rel = g_block + gamma(n_blocks, U64) * (1.0 + g_block)
+    err = rel * (nu_a * nu_g).sum(1) + n_tokens * arith.eta * math.sqrt(d_in * d_out)
+    n_all = n_tokens + d_in * d_out + d_in + d_out
+    n_hat = root.square()
+    return n_hat, ((root * _inflate(n_all) + err * _inflate(n_all)).square() - n_hat)
+
+
+def _torch_certified(
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    method: str,
+    nu_a: torch.Tensor,
+    nu_g: torch.Tensor,
+    work: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(B,) float64 certified bound on ||G_i^T A_i||_F^2 (exact) by the torch path in ``work``
+    precision (float64 if an input is); nu_a, nu_g: (B, T) float64 row norms. Samples whose
+    bound exceeds CERTIFY_RTOL of the value are redone in float64."""
+    if torch.float64 in (activations.dtype, grad_outputs.dtype):
+        work = torch.float64
+    a, g = activations.to(work), grad_outputs.to(work)
+    arith = torch_arithmetic(work, a.device)
+    batch, n_tokens, d_in = a.shape
+    per_sample = n_tokens * n_tokens if method == "ghost" else d_in * g.shape[2]
+    if method == "direct" and work != torch.float64:
+        per_sample *= -(-n_tokens // _direct_block(n_tokens, arith.u_acc))
+    chunk = max(1, _CHUNK_ELEMENTS // per_sample)
+    impl = _ghost_certified if method == "ghost" else _direct_certified
+    parts = [
+        impl(a[i : i + chunk], g[i : i + chunk], nu_a[i : i + chunk], nu_g[i : i + chunk], arith)
+        for i in range(0, batch, chunk)
+    ]
+    n_hat = torch.cat([p[0] for p in parts])
+    bound = torch.cat([p[1] for p in parts])
+    if work == torch.float64:
+        return _certified(n_hat, bound).nan_to_num(math.inf)
+
+    def redo(index: torch.Tensor) -> torch.Tensor:
+        return _torch_certified(
+            activations[index], grad_outputs[index], method, nu_a[index], nu_g[index],
+            torch.float64,
+        )  # fmt: skip
+
+    return _refine(n_hat, bound, redo)
+
+
+def _certified(n_hat: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    return (n_hat.clamp(min=0) + bound) * _inflate(2)
+
+
+def _refine(n_hat: torch.Tensor, bound: torch.Tensor, redo) -> torch.Tensor:
+    """n_hat + bound, with the samples whose bound is above CERTIFY_RTOL of n_hat (or not
+    finite) replaced by ``redo(their indices)``, the next, more precise level."""
+    certified = _certified(n_hat, bound)
+    flagged = ~(bound <= CERTIFY_RTOL * n_hat)
+    if bool(flagged.any()):
+        index = flagged.nonzero().squeeze(1)
+        certified[index] = redo(index)
+    return certified
+
+
+def _triton_certified(activations, grad_outputs, method, nu_a, nu_g) -> torch.Tensor | None:
+    """The Triton kernels' value plus an order-free bound from row norms only (the kernels keep
+    no Grams); flagged samples are redone by the torch path (tight Gram bound, then float64).
+    None when that bound cannot meet CERTIFY_RTOL for any input: the torch path is used
+    instead of a kernel whose every result would be redone."""
+    batch, n_tokens, d_in = activations.shape
+    d_out = grad_outputs.shape[2]
+    arith = triton_arithmetic(activations, grad_outputs)
+    # the kernels' last stage: n_terms products, each rounded once, summed in any order
+    n_terms = n_tokens * n_tokens if method == "ghost" else d_in * d_out
+    final = gamma(n_terms + 1, arith.u_acc)
+    g_d, g_p = arith.dot_gamma(d_in), arith.dot_gamma(d_out)
+    if method == "ghost":  # |N_hat - N| <= slack S^2, S^2 >= N
+        slack = g_d * (1 + g_p) + g_p * (1 + g_d) + g_d * g_p + final * (1 + g_d) * (1 + g_p)
+    else:  # relative slack >= final + 2 gamma_T S / sqrt(N), S >= sqrt(N)
+        slack = final + 2 * arith.dot_gamma(n_tokens)
+    if not slack <= CERTIFY_RTOL / 2:
+        return None
+    from fastdp.kernels import per_sample_norm_triton
+
+    n_hat = per_sample_norm_triton.per_sample_norm_sq(activations, grad_outputs, method).double()
+    n_all = n_tokens * n_tokens + n_tokens + d_in + d_out
+    s = (nu_a * nu_g).sum(1) * _inflate(n_all)
+    if method == "ghost":
+        bound = slack * s.square() + _underflow_ghost(nu_a, nu_g, arith.eta, d_in, d_out)
+    else:
+        root = (n_hat.clamp(min=0) / (1 - final)).sqrt()
+        err = arith.dot_gamma(n_tokens) * s + n_tokens * arith.eta * math.sqrt(d_in * d_out)
+        bound = (root + err).square() - n_hat
+    bound = bound * _inflate(n_all)
+
+    def redo(index: torch.Tensor) -> torch.Tensor:
+        return _torch_certified(
+            activations[index], grad_outputs[index], method, nu_a[index], nu_g[index]
+        )
+
+    return _refine(n_hat, bound, redo)
+
+
+def certified_weight_norm_sq(
+    activations: torch.Tensor, grad_outputs: torch.Tensor, method: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(certified ||G_i^T A_i||_F^2, S_i = sum_t ||a_t|| ||g_t||), both (B,) float64."""
+    _check(activations, grad_outputs)
+    batch, n_tokens, d_in = activations.shape
+    d_out = grad_outputs.shape[2]
+    nu_a, nu_g = row_norms(activations), row_norms(grad_outputs)
+    s = (nu_a * nu_g).sum(1) * _inflate(n_tokens + d_in + d_out)
+    if batch == 0 or n_tokens <= 1:  # T = 1: N = ||a||^2 ||g||^2, no cancellation possible
+        return s.square() * _inflate(2), s
+    if method is None:
+        method = choose_method(batch, n_tokens, d_in, d_out)
+    if method not in METHODS:
+        raise ValueError(f"unknown per-sample norm method {method!r}; use one of {METHODS}")
+    norms = None
+    if use_triton(activations, grad_outputs):
+        norms = _triton_certified(activations, grad_outputs, method, nu_a, nu_g)
+    if norms is None:
+        norms = _torch_certified(activations, grad_outputs, method, nu_a, nu_g)
+    return norms, s
+
+
+def clipped_weight_bound_sq(
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    method: str | None = None,
+    rho: float | None = None,
+) -> torch.Tensor:
+    """(B,) float64 bound on ||G~_i^T A~_i||_F^2 / c_i^2, what the clipped GEMM adds per unit of
+    clip factor: (sqrt(certified N_i) + rho S_i)^2; ``rho`` None: ``clipped_gemm_rounding``
+    (a caller whose GEMM rounds its operands differently passes its own)."""
+    norms, s = certified_weight_norm_sq(activations, grad_outputs, method)
+    if rho is None:
+        rho = clipped_gemm_rounding(activations, grad_outputs)
+    return (norms.sqrt() + rho * s).square() * _inflate(4)
+
+
+def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 bound on ||sum_t fl(c g_t)||^2 / c^2 for G (B, T, p): the bias gradient as
+    both clipped GEMMs add it (c * g rounded once in float32, rho = u32). b = sum_t g_t is
+    summed in float64 (error <= gamma64_T sum_t ||g_t||), so
+    ||b_added|| / c <= ||b64|| (1 + gamma64) + (gamma64_T + u32) sum_t ||g_t||."""
+    n_tokens, d_out = grad_outputs.shape[1], grad_outputs.shape[2]
+    summed = grad_outputs.sum(1, dtype=torch.float64)
+    n_all = n_tokens + d_out
+    root = torch.linalg.vector_norm(summed, dim=1) * _inflate(n_all)
+    mags = row_norms(grad_outputs).sum(1) * _inflate(n_all)
+    return (root + (gamma(n_tokens, U64) + U32) * mags).square() * _inflate(4)
+
+
+def round_up_f32(values: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounded toward +inf (a certified bound stays one after the cast)."""
+    down = values.float()
+    return torch.where(down.double() < values, torch.nextafter(down, torch.tensor(math.inf)), down)
+
+
+def certified_norm_sq(
+    activations: torch.Tensor, grad_outputs: torch.Tensor, method: str | None = None
+) -> torch.Tensor:
+    """Certified ||G_i^T A_i||_F^2 for every sample i, as float32 of shape (B,) rounded up,
+    never below the exact value for the inputs given (the argument is above); ``method`` None
+    picks the cheaper of ghost and direct by FLOPs for these shapes."""
+    return round_up_f32(certified_weight_norm_sq(activations, grad_outputs, method)[0])
