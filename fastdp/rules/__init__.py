@@ -22,7 +22,15 @@ parameters that it can handle.
 
 from __future__ import annotations
 
-from fastdp.rules import conv, embedding, generic, linear, norm  # noqa: F401,E402  (registration)
+from fastdp.rules import (  # noqa: F401,E402  (registration)
+    conv,
+    conv_nd,
+    embedding,
+    generic,
+    hf,
+    linear,
+    norm,
+)
 from fastdp.rules.base import (
     LayerRule,
     Record,
