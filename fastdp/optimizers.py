@@ -2,13 +2,13 @@
 
 ``fused_noisy_step`` is what the engine calls once per logical batch: for a plain
 ``torch.optim.SGD`` / ``torch.optim.AdamW`` (or ``DPSGD`` / ``DPAdamW``) it computes, per
-parameter p with a clipped gradient sum, g = (sum_p + N(0, noise_std^2)) * scale with the noise
-keyed by (seed, step, streams[p]), and applies the group's update through
-``fastdp.kernels.noisy_update`` (Triton on CUDA, the torch reference elsewhere). The DP
-gradient is never written to ``p.grad``. State stays in torch's own layout (``momentum_buffer``;
-``step`` tensor, ``exp_avg``, ``exp_avg_sq``), so ``state_dict`` round-trips with the plain
-optimizer. For anything else it returns False and the caller falls back to ``p.grad`` +
-``optimizer.step()``.
+parameter p with a clipped gradient sum, g = (sum_p + N(0, std^2)) * scale with the noise
+drawn from Philox stream streams[p] under a ``NoiseKey`` (run secret, step, std), and
+applies the group's update through ``fastdp.kernels.noisy_update`` (Triton on CUDA, the
+torch reference elsewhere). The DP gradient is never written to ``p.grad``. State stays in
+torch's own layout (``momentum_buffer``; ``step`` tensor, ``exp_avg``, ``exp_avg_sq``), so
+``state_dict`` round-trips with the plain optimizer. For anything else it returns False and
+the caller falls back to ``p.grad`` + ``optimizer.step()``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections import defaultdict
 
 import torch
 
+from fastdp.kernels.noise import NoiseKey
 from fastdp.kernels.noisy_update import noisy_adamw_update, noisy_sgd_update
 
 __all__ = ["DPSGD", "DPAdamW", "fused_noisy_step"]
@@ -28,23 +29,19 @@ class _NoisyStepMixin:
         self,
         grad_sums: dict[torch.nn.Parameter, torch.Tensor],
         *,
-        noise_std: float,
+        noise: NoiseKey | None,
         scale: float,
-        seed: int,
-        step: int,
         streams: dict[torch.nn.Parameter, int] | None = None,
     ) -> None:
         """One fused update from gradient sums: clipped (DP-SGD) or not (Noisy-SGD).
 
-        ``streams`` defaults to each parameter's position in ``param_groups``.
+        ``noise`` (None: no noise) keys the draw; ``streams`` defaults to each parameter's
+        position in ``param_groups``.
         """
         if streams is None:
             params = [p for group in self.param_groups for p in group["params"]]
             streams = {p: k for k, p in enumerate(params)}
-        done = fused_noisy_step(
-            self, grad_sums, noise_std=noise_std, scale=scale, seed=seed, step=step,
-            streams=streams,
-        )  # fmt: skip
+        done = fused_noisy_step(self, grad_sums, noise=noise, scale=scale, streams=streams)
         if not done:
             raise ValueError(
                 f"{type(self).__name__} has options the fused update does not support "
@@ -138,15 +135,13 @@ def fused_noisy_step(
     optimizer: torch.optim.Optimizer,
     grad_sums: dict[torch.nn.Parameter, torch.Tensor],
     *,
-    noise_std: float,
+    noise: NoiseKey | None,
     scale: float,
-    seed: int,
-    step: int,
     streams: dict[torch.nn.Parameter, int],
 ) -> bool:
     """Noisy update of every parameter of ``optimizer`` that has an entry in ``grad_sums``.
 
-    g_p = (grad_sums[p] + N(0, noise_std^2) keyed by (seed, step, streams[p])) * scale, then the
+    g_p = (grad_sums[p] + N(0, noise.std^2) from stream streams[p] of ``noise``) * scale, then the
     param group's SGD or AdamW step. Parameters without an entry are frozen (skipped). Returns
     False, changing nothing, unless ``optimizer`` is exactly SGD, AdamW, DPSGD or DPAdamW
     without amsgrad / capturable / differentiable and with float hyper-parameters.
@@ -154,7 +149,7 @@ def fused_noisy_step(
     kind = _supported(optimizer)
     if kind is None:
         return False
-    key = dict(noise_std=float(noise_std), scale=float(scale), seed=int(seed), step=int(step))
+    key = dict(noise=noise, scale=float(scale))
     update = _sgd_group if kind == "sgd" else _adamw_group
     for group in optimizer.param_groups:
         params = [p for p in group["params"] if p in grad_sums]

@@ -1,10 +1,10 @@
-"""Clipped weight gradient of a linear map: sum_i c_i G_i^T A_i, optionally plus noise.
+"""Clipped weight gradient of a linear map: sum_i c_i G_i^T A_i.
 
 One GEMM over all B*T rows with the per-sample scale c folded into G's rows, accumulated in
 float32 into a caller-owned buffer (the logical-batch accumulator). The bias gradient is
-sum_i c_i sum_t g_it. When ``noise_std`` > 0 the epilogue adds N(0, noise_std^2) noise keyed
-by (seed, step, stream), for the last micro-batch of a logical batch. This module holds the
-torch reference; the Triton kernel is in clipped_grad_triton.py.
+sum_i c_i sum_t g_it. Noise is added once per logical batch by the optimizer's update
+(noisy_update.py), not here. This module holds the torch reference; the Triton kernel is in
+clipped_grad_triton.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from fastdp.kernels.dispatch import use_triton
-from fastdp.kernels.noise import gaussian_noise_torch
 
 
 def _check(
@@ -45,11 +44,6 @@ def clipped_linear_grad_torch(
     scale: torch.Tensor | None,
     out: torch.Tensor,
     bias_out: torch.Tensor | None = None,
-    *,
-    noise_std: float = 0.0,
-    seed: int = 0,
-    step: int = 0,
-    stream: int = 0,
 ) -> None:
     """Torch reference; see ``clipped_linear_grad``."""
     d_in = activations.shape[2]
@@ -61,23 +55,6 @@ def clipped_linear_grad_torch(
     out.addmm_(g.reshape(-1, d_out).t(), a.reshape(-1, d_in))
     if bias_out is not None:
         bias_out.add_(g.sum((0, 1)))
-    if noise_std > 0:
-        out.add_(
-            gaussian_noise_torch(
-                out.shape, std=noise_std, seed=seed, step=step, stream=stream, device=out.device
-            )
-        )
-        if bias_out is not None:
-            bias_out.add_(
-                gaussian_noise_torch(
-                    bias_out.shape,
-                    std=noise_std,
-                    seed=seed,
-                    step=step,
-                    stream=stream + (1 << 32),
-                    device=out.device,
-                )
-            )
 
 
 def clipped_linear_grad(
@@ -86,13 +63,8 @@ def clipped_linear_grad(
     scale: torch.Tensor | None,
     out: torch.Tensor,
     bias_out: torch.Tensor | None = None,
-    *,
-    noise_std: float = 0.0,
-    seed: int = 0,
-    step: int = 0,
-    stream: int = 0,
 ) -> None:
-    """out += sum_i scale_i G_i^T A_i (+ noise); bias_out += sum_i scale_i sum_t G_it (+ noise).
+    """out += sum_i scale_i G_i^T A_i; bias_out += sum_i scale_i sum_t G_it.
 
     A: (B, T, d), G: (B, T, p) in any float dtype; scale: (B,) or None (all ones);
     out: (p, d) float32, bias_out: (p,) float32 or None, both updated in place.
@@ -103,14 +75,4 @@ def clipped_linear_grad(
         from fastdp.kernels import clipped_grad_triton
 
         impl = clipped_grad_triton.clipped_linear_grad
-    impl(
-        activations,
-        grad_outputs,
-        scale,
-        out,
-        bias_out,
-        noise_std=noise_std,
-        seed=seed,
-        step=step,
-        stream=stream,
-    )
+    impl(activations, grad_outputs, scale, out, bias_out)

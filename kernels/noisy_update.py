@@ -1,10 +1,11 @@
-"""Noisy optimizer update: g = (sum + N(0, noise_std^2)) * scale, then an SGD or AdamW step.
+"""Noisy optimizer update: g = (sum + N(0, std^2)) * scale, then an SGD or AdamW step.
 
 Multi-tensor: one call updates every parameter. The formulas match torch.optim.SGD and
 torch.optim.AdamW exactly (same state layout: ``momentum_buffer``; ``exp_avg``,
-``exp_avg_sq``), so a fused optimizer's state_dict loads into the plain one and back. Noise for
-parameter k at logical step ``step`` is keyed by (seed, step, k) (see ``noise.py``). This
-module holds the torch reference; the Triton kernel is in noisy_update_triton.py.
+``exp_avg_sq``), so a fused optimizer's state_dict loads into the plain one and back. The noise
+of tensor k is Philox stream ``streams[k]`` (default k) under ``noise: NoiseKey`` (run secret,
+logical step, std; see ``noise.py``); ``noise=None`` or std 0 adds none. This module holds the
+torch reference; the Triton kernel is in noisy_update_triton.py.
 """
 
 from __future__ import annotations
@@ -12,21 +13,19 @@ from __future__ import annotations
 import torch
 
 from fastdp.kernels.dispatch import use_triton
-from fastdp.kernels.noise import gaussian_noise_torch
+from fastdp.kernels.noise import NoiseKey, philox_normal
 
 
 def noisy_gradient_torch(
-    grad_sum: torch.Tensor, *, noise_std: float, scale: float, seed: int, step: int, stream: int
+    grad_sum: torch.Tensor, *, noise: NoiseKey | None, scale: float, stream: int
 ) -> torch.Tensor:
     """float32 (grad_sum + noise) * scale: the DP gradient of one parameter."""
     g = grad_sum.float()
-    if noise_std <= 0:
+    if noise is None or not noise.adds_noise:
         return g * scale
-    noise = gaussian_noise_torch(
-        g.shape, std=1.0, seed=seed, step=step, stream=stream, device=g.device
-    )
-    # scale * g + (noise_std * scale) * xi, in place on the fresh noise tensor
-    return noise.mul_(noise_std * scale).add_(g, alpha=scale)
+    xi = philox_normal(g.shape, noise, stream).to(g.device)  # drawn on the CPU
+    # scale * g + (std * scale) * xi, in place on the fresh noise tensor
+    return xi.mul_(noise.std * scale).add_(g, alpha=scale)
 
 
 @torch.no_grad()
@@ -41,19 +40,15 @@ def noisy_sgd_update_torch(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     maximize: bool = False,
-    noise_std: float = 0.0,
+    noise: NoiseKey | None = None,
     scale: float = 1.0,
-    seed: int = 0,
-    step: int = 0,
     streams: list[int] | None = None,
 ) -> list[torch.Tensor | None]:
     """Torch reference; returns the momentum buffers (created on first use, as torch SGD)."""
     new_buffers: list[torch.Tensor | None] = []
     for k, (p, grad_sum, buf) in enumerate(zip(params, grad_sums, momentum_buffers)):
         stream = streams[k] if streams is not None else k
-        g = noisy_gradient_torch(
-            grad_sum, noise_std=noise_std, scale=scale, seed=seed, step=step, stream=stream
-        ).to(p.dtype)
+        g = noisy_gradient_torch(grad_sum, noise=noise, scale=scale, stream=stream).to(p.dtype)
         if maximize:
             g = -g
         if weight_decay != 0:
@@ -83,10 +78,8 @@ def noisy_adamw_update_torch(
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
     maximize: bool = False,
-    noise_std: float = 0.0,
+    noise: NoiseKey | None = None,
     scale: float = 1.0,
-    seed: int = 0,
-    step: int = 0,
     streams: list[int] | None = None,
 ) -> None:
     """Torch reference. ``step_count`` is Adam's t after this update (1 on the first)."""
@@ -94,9 +87,7 @@ def noisy_adamw_update_torch(
     bias_correction2 = 1 - beta2**step_count
     for k, (p, grad_sum, m, v) in enumerate(zip(params, grad_sums, exp_avgs, exp_avg_sqs)):
         stream = streams[k] if streams is not None else k
-        g = noisy_gradient_torch(
-            grad_sum, noise_std=noise_std, scale=scale, seed=seed, step=step, stream=stream
-        ).to(p.dtype)
+        g = noisy_gradient_torch(grad_sum, noise=noise, scale=scale, stream=stream).to(p.dtype)
         if maximize:
             g = -g
         p.mul_(1 - lr * weight_decay)

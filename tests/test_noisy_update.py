@@ -8,6 +8,7 @@ from kernel_testing import assert_low_precision_rule, enable_gpu, enable_interpr
 
 from fastdp.kernels import config
 from fastdp.kernels import noisy_update as nu
+from fastdp.kernels.noise import NoiseKey, derive_secret
 
 SHAPES = [(5, 3), (17,), (2, 3, 4), (1,), (67,)]  # odd sizes, several chunks, one < 4
 SGD_OPTIONS = [
@@ -26,21 +27,25 @@ def _tensors(dtype=torch.float32, seed=0, shapes=SHAPES):
     return params, grads
 
 
-def _sgd(fn, params, grads, options, **noise):
+SECRET = derive_secret(5)
+
+
+def _sgd(fn, params, grads, options, std=0.0):
     buffers = [None] * len(params)
     for step, grad_sums in enumerate(grads):
-        buffers = fn(params, grad_sums, buffers, scale=0.5, step=step, **options, **noise)
+        noise = NoiseKey(SECRET, step, std)
+        buffers = fn(params, grad_sums, buffers, scale=0.5, noise=noise, **options)
     return params, buffers
 
 
-def _adamw(fn, params, grads, options, **noise):
+def _adamw(fn, params, grads, options, std=0.0):
     options = dict(options)
     beta1, beta2 = options.pop("betas", (0.9, 0.999))
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     for step, grad_sums in enumerate(grads):
         fn(params, grad_sums, m, v, step_count=step + 1, beta1=beta1, beta2=beta2, scale=0.5,
-           step=step, **options, **noise)  # fmt: skip
+           noise=NoiseKey(SECRET, step, std), **options)  # fmt: skip
     return params, m, v
 
 
@@ -103,6 +108,25 @@ def test_triton_adamw_matches_reference(interpreter, options):
         _assert_lists_close(xs, ys)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_triton_noise_equals_reference_noise(interpreter, kind):
+    """One generator for both backends: the kernel's Philox noise is the CPU reference's, up
+    to float32 rounding of log/sin/cos."""
+    params, grads = _tensors()
+    if kind == "sgd":
+        got = _sgd(nu.noisy_sgd_update, [p.clone() for p in params], grads, SGD_OPTIONS[1], 2.0)
+        want = _sgd(nu.noisy_sgd_update_torch, [p.clone() for p in params], grads,
+                    SGD_OPTIONS[1], 2.0)  # fmt: skip
+    else:
+        got = _adamw(nu.noisy_adamw_update, [p.clone() for p in params], grads,
+                     ADAMW_OPTIONS[0], 2.0)  # fmt: skip
+        want = _adamw(nu.noisy_adamw_update_torch, [p.clone() for p in params], grads,
+                      ADAMW_OPTIONS[0], 2.0)  # fmt: skip
+    for xs, ys in zip(got, want):
+        for x, y in zip(xs, ys):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_empty_and_zero_size(interpreter):
     assert nu.noisy_sgd_update([], [], [], lr=0.1) == []
     p, g = [torch.zeros(0)], [torch.zeros(0)]
@@ -136,8 +160,8 @@ def _noise_draw(fn_name="noisy_sgd_update", n=4096, seed=3, step=0, streams=None
     """Two tensors of n elements that end up equal to their noise (std 2, scale 1)."""
     params = [torch.zeros(n), torch.zeros(n)]
     zeros = [torch.zeros(n), torch.zeros(n)]
-    getattr(nu, fn_name)(params, zeros, [None, None], lr=-1.0, noise_std=2.0, seed=seed,
-                         step=step, streams=streams)  # fmt: skip
+    noise = NoiseKey(derive_secret(seed), step, 2.0)
+    getattr(nu, fn_name)(params, zeros, [None, None], lr=-1.0, noise=noise, streams=streams)
     return params
 
 

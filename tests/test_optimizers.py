@@ -7,6 +7,7 @@ import torch
 from kernel_testing import enable_interpreter, use_torch
 
 import fastdp
+from fastdp.kernels.noise import NoiseKey, derive_secret
 from fastdp.kernels.noisy_update import noisy_gradient_torch
 from fastdp.optimizers import DPSGD, DPAdamW, fused_noisy_step
 
@@ -41,7 +42,7 @@ def _train(maker, fused: bool, steps=3, noise_std=0.0, start=0, params=None, opt
     streams = {p: k for k, p in enumerate(params)}
     for step in range(start, start + steps):
         sums = _sums(params, step)
-        key = dict(noise_std=noise_std, scale=0.25, seed=7, step=step)
+        key = dict(noise=NoiseKey(derive_secret(7), step, noise_std), scale=0.25)
         if fused:
             assert fused_noisy_step(opt, sums, streams=streams, **key)
         else:
@@ -110,8 +111,8 @@ def test_frozen_params_are_skipped(monkeypatch):
     opt = torch.optim.AdamW(params, lr=0.1)
     sums = _sums(params, 0)
     del sums[params[1]]
-    assert fused_noisy_step(opt, sums, noise_std=1.0, scale=1.0, seed=0, step=0,
-                            streams={p: k for k, p in enumerate(params)})  # fmt: skip
+    streams = {p: k for k, p in enumerate(params)}
+    assert fused_noisy_step(opt, sums, noise=NoiseKey(0, 0, 1.0), scale=1.0, streams=streams)
     assert torch.equal(params[1], before)
     assert params[1] not in opt.state and params[0] in opt.state
 
@@ -138,8 +139,7 @@ def test_unsupported_optimizers_are_left_alone(monkeypatch, maker):
     opt = maker(params)
     sums = _sums(params, 0)
     streams = {p: k for k, p in enumerate(params)}
-    assert not fused_noisy_step(opt, sums, noise_std=1.0, scale=1.0, seed=0, step=0,
-                                streams=streams)  # fmt: skip
+    assert not fused_noisy_step(opt, sums, noise=NoiseKey(0, 0, 1.0), scale=1.0, streams=streams)
     assert all(torch.equal(a, b) for a, b in zip(params, before))
     assert len(opt.state) == 0
 
@@ -164,15 +164,16 @@ def test_noisy_step_method(monkeypatch):
     use_torch(monkeypatch)
     a, b = _params(), _params()
     opt = DPSGD(a, lr=0.1, momentum=0.9)
-    opt.noisy_step(_sums(a, 0), noise_std=1.0, scale=0.5, seed=1, step=0)
+    key = NoiseKey(derive_secret(1), 0, 1.0)
+    opt.noisy_step(_sums(a, 0), noise=key, scale=0.5)
     ref = torch.optim.SGD(b, lr=0.1, momentum=0.9)
     for k, (p, g) in enumerate(zip(b, _sums(b, 0).values())):
-        p.grad = noisy_gradient_torch(g, noise_std=1.0, scale=0.5, seed=1, step=0, stream=k)
+        p.grad = noisy_gradient_torch(g, noise=key, scale=0.5, stream=k)
     ref.step()
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     bad = DPAdamW(_params(), lr=0.1, amsgrad=True)
     with pytest.raises(ValueError, match="amsgrad"):
-        bad.noisy_step({}, noise_std=0.0, scale=1.0, seed=0, step=0)
+        bad.noisy_step({}, noise=None, scale=1.0)
 
 
 def _engine_run(seed: int = 0) -> list[torch.Tensor]:

@@ -140,20 +140,6 @@ def test_poisson_step_divides_by_expected_not_realised_batch():
     assert torch.allclose(before - model.weight.detach(), reference.weight.grad / 10, atol=1e-6)
 
 
-def test_prefetched_noise_is_the_noise_drawn_in_place():
-    from fastdp.kernels.noise import gaussian_noise_torch, prefetch_noise_torch
-
-    direct = gaussian_noise_torch((300, 7), std=2.0, seed=9, step=4, stream=3)
-    prefetch_noise_torch({3: (300, 7), 5: (11,)}, seed=9, step=4, device="cpu")
-    served = gaussian_noise_torch((300, 7), std=2.0, seed=9, step=4, stream=3)
-    assert torch.equal(direct, served)
-    prefetch_noise_torch({5: (11,)}, seed=9, step=6, device="cpu")  # drops step-4 leftovers
-    assert torch.equal(
-        gaussian_noise_torch((11,), std=1.0, seed=9, step=6, stream=5),
-        gaussian_noise_torch((11,), std=1.0, seed=9, step=6, stream=5),
-    )
-
-
 def test_zero_filled_gradients_are_not_mistaken_for_plain_ones():
     model = _mlp()
     (engine, m, opt, loader), (x, y) = _private(model)
