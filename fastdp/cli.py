@@ -1,4 +1,4 @@
-"""The ``fastdp`` command line: demo, bench, theory, experiment.
+"""The ``fastdp`` command line: demo, bench, theory, experiment, audit.
 
 Each subcommand lives in its own module with a ``main(argv) -> int``; this file only routes,
 importing the module when its subcommand runs so ``fastdp demo`` never pays for the others.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "bench": ("fastdp.bench.cli", "throughput and memory against non-private and Opacus"),
     "theory": ("fastdp.theory.cli", "continuous-time Noisy-SGD models: lls | dln"),
     "experiment": ("fastdp.theory.experiments.cli", "batch-size sweeps at fixed sigma/B"),
+    "audit": ("fastdp.audit", "privacy audit: canary sensitivity check and empirical epsilon"),
 }
 
 
