@@ -1,9 +1,8 @@
-"""Micro-benchmark: clipped weight gradient sum_i c_i G_i^T A_i (+ noise) vs torch.matmul.
+"""Micro-benchmark: clipped weight gradient sum_i c_i G_i^T A_i vs torch.matmul.
 
-Providers: "triton" (fused kernel with noise in the epilogue, CUDA only), "triton_no_noise",
-"torch" (the reference: scale G, addmm into the float32 accumulator, separate noise tensor) and
-"torch_matmul" (the plain GEMM G^T A over the B*T rows, cuBLAS on CUDA: the target is to be
-within 10% of its time). FLOPs: 2 * B * T * d * p.
+Providers: "triton" (the fused kernel, CUDA only), "torch" (the reference: scale G, addmm into
+the float32 accumulator) and "torch_matmul" (the plain GEMM G^T A over the B*T rows, cuBLAS on
+CUDA: the target is to be within 10% of its time). FLOPs: 2 * B * T * d * p.
 """
 
 from __future__ import annotations
@@ -27,16 +26,14 @@ def _shape_rows(shape: tuple[int, ...], device: torch.device, quick: bool) -> li
     out = torch.zeros(d_out, d_in, device=device)
     bias = torch.zeros(d_out, device=device)
     a2, g2 = a.reshape(-1, d_in), g.reshape(-1, d_out)
-    noise = dict(noise_std=1.0, seed=0, step=0, stream=0)
     providers = {
-        "torch": lambda: cg.clipped_linear_grad_torch(a, g, scale, out, bias, **noise),
+        "torch": lambda: cg.clipped_linear_grad_torch(a, g, scale, out, bias),
         "torch_matmul": lambda: torch.matmul(g2.t(), a2),
     }
     if triton_runs_on(device):
         from fastdp.kernels import clipped_grad_triton as kernel
 
-        providers["triton"] = lambda: kernel.clipped_linear_grad(a, g, scale, out, bias, **noise)
-        providers["triton_no_noise"] = lambda: kernel.clipped_linear_grad(a, g, scale, out, bias)
+        providers["triton"] = lambda: kernel.clipped_linear_grad(a, g, scale, out, bias)
     x = f"B={batch} T={n_tokens} d={d_in} p={d_out} {str(dtype)[6:]}"
     flops = 2.0 * batch * n_tokens * d_in * d_out
     rows = []

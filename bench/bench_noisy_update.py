@@ -14,6 +14,7 @@ import torch
 
 from fastdp.bench.kernel_timing import measure, print_rows, rows_for, triton_runs_on
 from fastdp.kernels import noisy_update as nu
+from fastdp.kernels.noise import NoiseKey, derive_secret
 
 BYTES_PER_ELEMENT = {"sgd_momentum": 20, "adamw": 28}
 # A GPT-2-small-like parameter list (embedding, 12 blocks of 4 matrices plus vectors).
@@ -54,7 +55,7 @@ def run(quick: bool = False) -> list[dict]:
     exp_avg_sq = [torch.zeros(s, device=device) for s in shapes]
     n_elements = sum(p.numel() for p in params)
     x = f"{len(shapes)} tensors {n_elements / 1e6:.1f}M float32"
-    key = dict(noise_std=1.0, scale=1e-3, seed=0, step=0)
+    key = dict(noise=NoiseKey(derive_secret(0), 0, 1.0), scale=1e-3)
     sgd = dict(lr=0.1, momentum=0.9, **key)
     adamw = dict(step_count=1, lr=1e-3, **key)
     rows: list[dict] = []

@@ -30,7 +30,12 @@ from fastdp.bench.table import format_table, write_csv
 from fastdp.bench.workloads import PRESETS, PROVIDERS, parse_overrides, resolve_specs
 
 MODES = ("models", "scaling", "logical", "kernels", "all", "plot", "report")
-KERNEL_BENCHES = ("bench_per_sample_norm", "bench_clipped_grad", "bench_noisy_update")
+KERNEL_BENCHES = (
+    "bench_per_sample_norm",
+    "bench_clipped_grad",
+    "bench_noisy_update",
+    "bench_noise",
+)
 SCALING_PROVIDERS = ["torch", "fastdp-flat", "fastdp-none", "opacus-ghost"]
 LOGICAL_PROVIDERS = ["torch", "fastdp-flat"]
 

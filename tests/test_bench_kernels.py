@@ -20,7 +20,12 @@ import torch
 
 from fastdp.bench import workloads
 
-KERNEL_BENCHES = ("bench_per_sample_norm", "bench_clipped_grad", "bench_noisy_update")
+KERNEL_BENCHES = (
+    "bench_per_sample_norm",
+    "bench_clipped_grad",
+    "bench_noisy_update",
+    "bench_noise",
+)
 STEP_SPEC = workloads.ModelSpec("mlp", dict(in_features=784, hidden=256, depth=2), batch_size=64)
 
 
