@@ -50,9 +50,17 @@ _REFUSED: list[tuple[tuple[type, ...], str, str]] = [
     ),
     (
         (nn.RNNBase,),
-        "is a fused recurrent kernel that fastdp has no per-sample rule for",
-        "build the recurrence from nn.Linear cells (e.g. opacus.layers.DPLSTM / DPGRU, which "
-        "fastdp handles through their Linear layers) or freeze it with requires_grad_(False)",
+        "is a fused recurrent kernel: fastdp has no per-sample rule for it, and a recurrence "
+        "built from nn.Linear cells calls each cell once per time step, which fastdp refuses",
+        "freeze it with requires_grad_(False) (e.g. a pretrained encoder) or use a "
+        "convolution or attention block (nn.TransformerEncoder is supported)",
+    ),
+    (
+        (nn.MultiheadAttention,),
+        "is an nn.MultiheadAttention that make_private could not swap for fastdp's exact "
+        "DPMultiheadAttention (fastdp/rules/attention.py)",
+        "pass the model to make_private (it swaps them), use kdim = vdim = embed_dim, or freeze "
+        "it with requires_grad_(False)",
     ),
 ]
 
