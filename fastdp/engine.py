@@ -14,12 +14,15 @@ from torch.utils.data import DataLoader
 
 from fastdp import checkpoint
 from fastdp.accounting import epsilon_of, make_accountant, noise_for_epsilon
-from fastdp.clipping import MODES, make_strategy, total_clip_norm
+from fastdp.clipping import make_strategy
 from fastdp.data import DPDataLoader, steps_per_epoch
+from fastdp.guards import check_data_independent
+from fastdp.kernels.noise import derive_secret
 from fastdp.optimizer import DPOptimizer
 from fastdp.rules import is_fallback, rule_for
 from fastdp.rules.attention import replace_modules
 from fastdp.rules.generic import refusal, warn_fallback
+from fastdp.state import PrivateRun
 from fastdp.tape import Tape, handled_layers
 
 
@@ -29,9 +32,7 @@ class PrivacyEngine:
     def __init__(self, accountant: str = "prv") -> None:
         self.accountant_name = accountant
         self.accountant = make_accountant(accountant)
-        self.noise_multiplier: float | None = None
-        self.sample_rate: float | None = None
-        self.clipping: str | None = None
+        self.run: PrivateRun | None = None
         self.module: nn.Module | None = None
         self.optimizer: DPOptimizer | None = None
         self.data_loader: DPDataLoader | None = None
@@ -59,8 +60,6 @@ class PrivacyEngine:
         if self.module is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new one")
         _check_not_ddp(module)
-        if clipping not in MODES:
-            raise ValueError(f"unknown clipping mode {clipping!r}; use one of {', '.join(MODES)}")
         if not (
             isinstance(noise_multiplier, (int, float))
             and math.isfinite(noise_multiplier)
@@ -71,51 +70,47 @@ class PrivacyEngine:
             )
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if max_grad_norm is None:
-            if clipping != "none":
-                raise ValueError(f"clipping={clipping!r} needs a max_grad_norm > 0")
-            max_grad_norm = 1.0
-        if clipping == "none" and not (
-            isinstance(max_grad_norm, (int, float))
-            and math.isfinite(max_grad_norm)
-            and max_grad_norm > 0
-        ):
-            raise ValueError(
-                "with clipping='none' max_grad_norm only scales the noise (std = sigma * "
-                f"max_grad_norm) and must be a finite number > 0, got {max_grad_norm!r}"
-            )
         replace_modules(module)  # exact swaps (nn.MultiheadAttention), same parameters
+        check_data_independent(module)
         layers = handled_layers(module)
         check_model(module)
         params = _optimizer_params(module, optimizer)
         strategy = make_strategy(clipping, max_grad_norm, [name for name, _ in layers])
 
         rank, world_size = _distributed()
-        seed = _shared_seed(seed, world_size)
-        tape = Tape(strategy, loss_reduction, grads={})
-        dp_optimizer = DPOptimizer(
-            optimizer,
-            tape=tape,
-            params=params,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=total_clip_norm(clipping, max_grad_norm),
-            expected_batch_size=1.0,  # set from the loader below
-            loss_reduction=loss_reduction,
-            seed=seed,
-        )
+        if seed is not None and strategy.private:
+            warnings.warn(
+                "an explicit seed makes this run's noise and Poisson samples reproducible: two "
+                "runs with the same seed on neighbouring datasets draw identical noise, so the "
+                "difference of their releases is noise-free. Use seed=None (the default, OS "
+                "entropy) for anything you release; an explicit seed is for experiments.",
+                UserWarning,
+                stacklevel=2,
+            )
         loader = DPDataLoader(
             data_loader,
-            dp_optimizer,
             poisson_sampling=poisson_sampling,
             max_physical_batch_size=max_physical_batch_size,
-            seed=seed,
             rank=rank,
-            world_size=world_size,
         )
-        dp_optimizer.expected_batch_size = loader.expected_batch_size
+        run = PrivateRun(
+            strategy=strategy,
+            noise_multiplier=float(noise_multiplier),
+            sample_rate=loader.sample_rate,
+            num_samples=loader.num_samples,
+            expected_batch_size=loader.expected_batch_size,
+            poisson_sampling=poisson_sampling,
+            loss_reduction=loss_reduction,
+            world_size=world_size,
+            accountant=self.accountant_name,
+            secret=_shared_secret(seed, world_size),
+        )
+        tape = Tape(strategy, loss_reduction, grads={})
+        dp_optimizer = DPOptimizer(optimizer, tape=tape, params=params, run=run)
+        loader.drive(dp_optimizer)
         tape.attach(module)
         dp_optimizer.index_parameter_names()
-        if not poisson_sampling and clipping != "none":
+        if not poisson_sampling and strategy.private:
             warnings.warn(
                 "poisson_sampling=False: epsilon is computed as for Poisson sampling at "
                 "q = batch_size / N (as Opacus does), but fixed or shuffled batches do not "
@@ -125,9 +120,7 @@ class PrivacyEngine:
                 stacklevel=2,
             )
 
-        self.noise_multiplier = float(noise_multiplier)
-        self.sample_rate = loader.sample_rate
-        self.clipping = clipping
+        self.run = run
         self.module, self.optimizer, self.data_loader = module, dp_optimizer, loader
         dp_optimizer.step_hooks.append(self._account_step)
         return module, dp_optimizer, loader
@@ -168,10 +161,22 @@ class PrivacyEngine:
             **kwargs,
         )
 
+    @property
+    def noise_multiplier(self) -> float | None:
+        return None if self.run is None else self.run.noise_multiplier
+
+    @property
+    def sample_rate(self) -> float | None:
+        return None if self.run is None else self.run.sample_rate
+
+    @property
+    def clipping(self) -> str | None:
+        return None if self.run is None else self.run.strategy.mode
+
     def _account_step(self, optimizer: DPOptimizer) -> None:
-        self.accountant.step(
-            noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate
-        )
+        # a logical batch the private loader did not draw gets no amplification: q = 1
+        sample_rate = self.run.sample_rate if optimizer.last_step_sampled else 1.0
+        self.accountant.step(noise_multiplier=self.run.noise_multiplier, sample_rate=sample_rate)
 
     def get_epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0 before the first step; inf for Noisy-SGD or
@@ -180,7 +185,7 @@ class PrivacyEngine:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if not self.accountant.history:
             return 0.0
-        if self.clipping == "none" or not self.noise_multiplier:
+        if not self.run.strategy.private or not self.run.noise_multiplier:
             return math.inf
         return epsilon_of(self.accountant.history, delta, self.accountant_name)
 
@@ -303,18 +308,14 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _shared_seed(seed: int | None, world_size: int) -> int:
-    """The user's seed, or one from OS entropy; with several ranks, rank 0's for all."""
-    if seed is None:
-        seed = secrets.randbits(62)
-        if world_size > 1:
-            box = [seed]
-            dist.broadcast_object_list(box, src=0)
-            seed = box[0]
-    elif world_size > 1:
-        box = [seed]
+def _shared_secret(seed: int | None, world_size: int) -> int:
+    """The run's 128-bit secret, which keys all its noise and sampling: from OS entropy for
+    ``seed=None``, else ``derive_secret(seed)``; with several ranks, rank 0's for all."""
+    secret = secrets.randbits(128) if seed is None else derive_secret(seed)
+    if world_size > 1:
+        box = [secret]
         dist.broadcast_object_list(box, src=0)
-        if box[0] != seed:
+        if seed is not None and box[0] != secret:
             warnings.warn("ranks passed different seeds; rank 0's seed is used", stacklevel=3)
-            seed = box[0]
-    return int(seed)
+        secret = box[0]
+    return int(secret)
