@@ -32,6 +32,7 @@ from fastdp.audit_epsilon import (
     clopper_pearson,
     empirical_epsilon,
     epsilon_from_rates,
+    evaluate_threshold,
     ideal_eps_lb,
 )
 from fastdp.audit_sensitivity import (
@@ -54,6 +55,7 @@ __all__ = [
     "clopper_pearson",
     "empirical_epsilon",
     "epsilon_from_rates",
+    "evaluate_threshold",
     "ideal_eps_lb",
     "sensitivity_check",
 ]

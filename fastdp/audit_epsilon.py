@@ -177,7 +177,7 @@ def choose_threshold(
     return best[1], best[2]
 
 
-def evaluate(
+def evaluate_threshold(
     inside: np.ndarray, outside: np.ndarray, delta: float, confidence: float = 0.95
 ) -> dict:
     """Threshold from the first half of each side, bounds from the second half."""
@@ -219,7 +219,7 @@ def ideal_eps_lb(
         outside = rng.normal(0.0, noise_multiplier, per_side)
         present = rng.random(per_side) < sample_rate
         inside = rng.normal(0.0, noise_multiplier, per_side) + present
-        found.append(evaluate(inside, outside, delta, confidence)["eps_lb"])
+        found.append(evaluate_threshold(inside, outside, delta, confidence)["eps_lb"])
     return float(np.median(found))
 
 
@@ -339,7 +339,7 @@ def empirical_epsilon(
                     if progress is not None:
                         progress(1)
             eps_claimed = _claimed(engine, setting, noise_multiplier, q, delta, accountant)
-        found = evaluate(stats[True], stats[False], delta, confidence)
+        found = evaluate_threshold(stats[True], stats[False], delta, confidence)
         ideal = ideal_eps_lb(
             noise_multiplier,
             per_side,

@@ -123,12 +123,10 @@ def sensitivity_check(
     more than (1 + tolerance) C, if a run errors only when a canary is present, or if the
     clipped sum differs from the float64 oracle by more than ``oracle_rtol``.
     """
-    from fastdp.clipping import total_clip_norm
-
     inputs, targets = batch
     device = next(model.parameters()).device
     inputs, targets = inputs.to(device), targets.to(device)
-    bound = total_clip_norm(clipping, max_grad_norm)
+    bound = _total_clip_norm(max_grad_norm)
     run = dict(
         loss_fn=loss_fn,
         clipping=clipping,
@@ -270,6 +268,13 @@ def _oracle(reference, loss_fn, inputs, targets, clipping, max_grad_norm) -> _Or
         for n in total:
             total[n] += factors[n] * grads[n]
     return _OracleSum(total, raw_norms)
+
+
+def _total_clip_norm(max_grad_norm: float | Sequence[float]) -> float:
+    """The sensitivity C of the summed gradient (per_layer: sqrt of the sum of squares)."""
+    if isinstance(max_grad_norm, (int, float)):
+        return float(max_grad_norm)
+    return math.sqrt(sum(float(c) ** 2 for c in max_grad_norm))
 
 
 def _norm(tensors: Mapping[str, torch.Tensor]) -> float:
