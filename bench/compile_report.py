@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import re
 import subprocess
@@ -305,6 +306,21 @@ def compile_rows(archs=(80, 90), workloads=WORKLOADS, errors: list | None = None
     return [{c: r[c] for c in COLUMNS} for r in rows]
 
 
+def compilations_across_steps(spec: config.DeviceSpec, steps=(41, 42, 47, 48)) -> int:
+    """Kernels compiled by noisy updates at consecutive logical steps (and two run secrets):
+    1 when the noise key and step words are not specialised."""
+    from fastdp.kernels import noisy_update_triton as nu
+    from fastdp.kernels.noise import NoiseKey
+
+    params, sums = [_meta(4096)], [_meta(4096)]
+    with compile_only(spec) as record:
+        for secret in (1, (1 << 127) + 16):
+            for step in steps:
+                noise = NoiseKey(secret=secret, step=step, std=1.0)
+                nu.noisy_sgd_update(params, sums, [None], lr=0.1, noise=noise)
+    return len({id(item.compiled) for item in record})
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -323,9 +339,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fastdp bench compile", description=__doc__)
     parser.add_argument("--arch", default="80,90", help="comma list of compute capabilities")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--json", type=Path, help="write rows, errors, compilations here instead")
     args = parser.parse_args(argv)
     errors: list = []
-    rows = compile_rows(tuple(int(a) for a in args.arch.split(",")), errors=errors)
+    archs = tuple(int(a) for a in args.arch.split(","))
+    rows = compile_rows(archs, errors=errors)
+    if args.json:
+        steps = {arch: compilations_across_steps(config.TARGETS[arch]) for arch in archs}
+        args.json.write_text(json.dumps({"rows": rows, "errors": errors, "step_compiles": steps}))
+        return 0
     path = write_csv(rows, args.out / f"compile-triton{triton.__version__}.csv")
     print(f"wrote {path} ({len(rows)} kernels)")
     for arch, workload, variant, message in errors:

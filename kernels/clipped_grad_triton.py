@@ -187,7 +187,7 @@ def clipped_linear_grad(
         tl_dtype(dtype)  # a clear error for unsupported dtypes
     spec = config.device_spec(device)
     operand = config.operand_dtype(activations.dtype, grad_outputs.dtype)
-    plan = config.clipped_grad_plan(d_out, d_in, n_rows, operand, bias_out is not None, spec)
+    plan = config.clipped_grad_plan(d_out, d_in, n_rows, operand, spec)
     tile = plan.tile
     n_tiles_d = triton.cdiv(d_in, tile.block_n)
     if plan.n_split > 1:

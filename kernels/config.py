@@ -12,9 +12,10 @@ tiny shapes and numpy runs fewer wasted lanes.
 GEMM tiles (clipped GEMM and the direct norm; M = p, N = d, K = rows or tokens):
 - tensor cores (bf16/fp16 always, fp32 as TF32 when torch allows it): 128 x 128 output tile,
   8 warps. The fp32 accumulator is 128 * 128 * 4 B / 256 threads = 64 registers a thread,
-  which with operand fragments and addresses stays under 128: two programs per SM fit the
-  64K-register file. K step 64 (bf16) or 32 (TF32) keeps a stage at 32 KiB, 3 stages 96 KiB
-  of shared memory: two programs per SM on H100 (228 KiB), one on A100 (164 KiB).
+  but with operand fragments, addresses and the bias sum the compiled kernels use 122-182
+  (tests/test_compile.py reports them): one program per SM is planned (two fit only at <= 128
+  registers). K step 64 (bf16) or 32 (TF32) keeps a stage at 32 KiB, 3 stages 96 KiB of
+  shared memory (168 KiB before, with fp32 at K step 64: over A100's 163 KiB per block).
 - fp32 without TF32 (FMA units): 64 x 128 x 32, 4 warps (64 accumulator registers a thread;
   the 128 x 128 tile on 8 warps sat at 255 registers and spilled), 3 stages, 48 KiB.
 """
@@ -140,15 +141,13 @@ def gemm_tile(dtype: torch.dtype, spec: DeviceSpec | None) -> TileConfig:
     """The (p, d) output tile of the clipped GEMM and the direct norm (see module doc)."""
     if spec is None:
         return TileConfig(16, 16, 16)
-    if uses_tensor_cores(dtype):
+    if uses_tensor_cores(dtype):  # registers allow one program per SM (module doc)
         element = torch.finfo(dtype).bits // 8
-        cfg = TileConfig(128, 128, 128 // element, num_warps=8, num_stages=3)
-    else:
-        cfg = TileConfig(64, 128, 32, num_warps=4, num_stages=3)
-        element = 4
-    return TileConfig(
-        **{**cfg.__dict__, "programs_per_sm": min(2, _shared_fits(cfg, element, spec))}
-    )
+        cfg, by_registers = TileConfig(128, 128, 128 // element, num_warps=8, num_stages=3), 1
+    else:  # 255 registers x 4 warps: two programs per SM
+        cfg, by_registers, element = TileConfig(64, 128, 32, num_warps=4, num_stages=3), 2, 4
+    programs = min(by_registers, _shared_fits(cfg, element, spec))
+    return TileConfig(**{**cfg.__dict__, "programs_per_sm": programs})
 
 
 def norm_direct_config(d_in: int, d_out: int, dtype: torch.dtype, spec: DeviceSpec | None):
@@ -189,16 +188,14 @@ def clipped_grad_plan(
     d_in: int,
     n_rows: int,
     dtype: torch.dtype,
-    has_bias: bool,
     spec: DeviceSpec | None,
 ) -> ClippedGradPlan:
     """Tile and split-K of out (p, d) += G^T A over ``n_rows`` = B*T rows.
 
-    Occupancy first: the tensor-core tile holds two programs per H100 SM without a bias (128
-    registers, 82 KiB of shared memory), but the bias sum over the G tile in registers lifts
-    it to 160-182 registers, one program per SM; A100's 164 KiB of shared memory holds one
-    either way; the FMA fp32 tile (64 x 128, 4 warps, 255 registers) holds two. The compile
-    test checks that each compiled kernel reaches the ``programs_per_sm`` assumed here.
+    Occupancy first (``gemm_tile``): the tensor-core tile holds one program per SM (122-182
+    registers at 8 warps; A100's shared memory holds one anyway), the FMA fp32 tile two (255
+    registers at 4 warps). The compile test checks that every compiled kernel reaches the
+    ``programs_per_sm`` assumed here.
 
     Then the waves: a (768, 768) weight is 36 tiles of 128 x 128, 14-27% of the 132 or 264
     program slots of an H100. Splitting the rows S ways gives 36 S programs; S is the smallest
@@ -206,13 +203,11 @@ def clipped_grad_plan(
     steps per split so the loop amortises its prologue and the float32 partials (8 S p d
     bytes, written and read once) stay small next to the inputs (2 B T (p + d) bytes in bf16).
     768 x 768 in bf16, B=64 T=1024 or B=4096 T=1: S = 7 on H100 (252 programs: 95% of two
-    waves of 132 with a bias, of one wave of 264 without), S = 3 on A100 (108 programs for 108
-    SMs). The old rule (two programs per SM assumed, S = ceil(2 * SMs / tiles) = 8) made 288
-    programs for 132 slots: 0.73 wave efficiency.
+    waves of 132, and of one wave of 264 where a kernel fits two programs per SM), S = 3 on
+    A100 (108 programs for 108 SMs). The old rule (two programs per SM assumed, S =
+    ceil(2 * SMs / tiles) = 8) made 288 programs for 132 slots: 0.73 wave efficiency.
     """
     tile = gemm_tile(dtype, spec)
-    if spec is not None and has_bias and uses_tensor_cores(dtype):
-        tile = TileConfig(**{**tile.__dict__, "programs_per_sm": 1})
     n_tiles = math.ceil(d_out / tile.block_m) * math.ceil(d_in / tile.block_n)
     if spec is None:  # interpreter: exercise the split path on small inputs
         n_split = 2 if n_rows >= 4 * tile.block_k else 1

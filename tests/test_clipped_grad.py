@@ -72,8 +72,8 @@ def _force_split(monkeypatch, n_split: int) -> None:
     """config.clipped_grad_plan with ``n_split`` K splits (rows rounded to the K block)."""
     real = config.clipped_grad_plan
 
-    def plan(d_out, d_in, n_rows, dtype, has_bias, spec):
-        chosen = real(d_out, d_in, n_rows, dtype, has_bias, spec)
+    def plan(d_out, d_in, n_rows, dtype, spec):
+        chosen = real(d_out, d_in, n_rows, dtype, spec)
         block_k = chosen.tile.block_k
         rows = math.ceil(math.ceil(n_rows / n_split) / block_k) * block_k
         return config.ClippedGradPlan(chosen.tile, chosen.n_tiles, math.ceil(n_rows / rows), rows)
