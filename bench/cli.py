@@ -7,6 +7,8 @@
     fastdp bench all [--quick]          all of the above
     fastdp bench plot FILE.csv          redraw the PNG of a CSV
     fastdp bench report                 regenerate bench/results/README.md from the CSVs
+    fastdp bench compile [--arch 80,90]  compile every Triton kernel for sm_80/sm_90 (no GPU
+                                        needed): bench/results/compile-triton<version>.csv
 
 Each measuring mode writes ``<mode>-<device>[-quick].csv`` and a PNG drawn from it into
 ``--out`` (default ``bench-results``) and prints a table.
@@ -29,7 +31,7 @@ from fastdp.bench.scaling import batch_scaling, doublings, logical_scaling, seq_
 from fastdp.bench.table import format_table, write_csv
 from fastdp.bench.workloads import PRESETS, PROVIDERS, parse_overrides, resolve_specs
 
-MODES = ("models", "scaling", "logical", "kernels", "all", "plot", "report")
+MODES = ("models", "scaling", "logical", "kernels", "all", "plot", "report", "compile")
 KERNEL_BENCHES = (
     "bench_per_sample_norm",
     "bench_clipped_grad",
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``fastdp bench`` (called by fastdp/cli.py)."""
+    if argv[:1] == ["compile"]:  # its own options (bench/compile_report.py)
+        from fastdp.bench.compile_report import main as compile_main
+
+        return compile_main(argv[1:])
     args = build_parser().parse_args(argv)
     # Opacus's hooks fire on the first layer, whose input needs no grad: expected, not news.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -330,6 +330,28 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def markdown(rows: list[dict]) -> list[str]:
+    """The table of a compile CSV for bench/results/README.md."""
+    out = [
+        f"Static compile report (no GPU): Triton {rows[0]['triton']}, `fastdp bench compile`. "
+        "Spills: local memory bytes per thread; loads / stores: bytes per global access "
+        "instruction x count (cp.async included); programs/SM and occupancy (warps / 64) "
+        "from registers, shared memory and warps.",
+        "",
+        "| kernel | arch | workload | variant | config | regs | spill B | smem B | mma | wgmma "
+        "| loads | stores | programs/SM | occupancy |",
+        "|---" * 14 + "|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['kernel']} | {r['arch']} | {r['workload']} | {r['variant']} | {r['config']} "
+            f"| {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['mma']} "
+            f"| {r['wgmma']} | {r['load_widths']} | {r['store_widths']} "
+            f"| {r['programs_per_sm']} | {r['occupancy']} |"
+        )
+    return out
+
+
 def main(argv: list[str]) -> int:
     """``fastdp bench compile [--arch 80,90] [--out bench/results]``."""
     import argparse
@@ -350,6 +372,9 @@ def main(argv: list[str]) -> int:
         return 0
     path = write_csv(rows, args.out / f"compile-triton{triton.__version__}.csv")
     print(f"wrote {path} ({len(rows)} kernels)")
+    from fastdp.bench.report import write_report
+
+    print(f"wrote {write_report(args.out)}")
     for arch, workload, variant, message in errors:
         print(f"FAILED sm_{arch} {workload} {variant}: {message}")
     return 1 if errors else 0

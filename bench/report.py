@@ -183,6 +183,11 @@ def render(results: Path) -> str:
         rows = read_csv(path)
         if not rows:
             continue
+        if path.name.startswith("compile-"):
+            from fastdp.bench.compile_report import markdown
+
+            lines += [f"## {path.name}", "", *markdown(rows), ""]
+            continue
         first = rows[0]
         lines += [
             f"## {path.name}",
