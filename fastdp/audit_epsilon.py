@@ -105,14 +105,15 @@ class EpsilonAudit:
         return [asdict(r) for r in self.results]
 
     def table(self) -> str:
-        head = f"{'setting':<18}{'trials':>7}{'eps claimed':>12}{'eps_lb [95% CI]':>22}"
-        head += f"{'ideal eps_lb':>13}  verdict"
+        """eps_lb is the lower end of the 95% interval [eps_lb, eps_hi] around eps_hat."""
+        head = f"{'setting':<20}{'trials':>7}{'eps claimed':>12}{'eps_lb':>8}"
+        head += f"{'eps_hat [95% CI]':>23}{'ideal eps_lb':>13}  verdict"
         lines = [head]
         for r in self.results:
-            interval = f"{r.eps_lb:.2f} [{r.eps_lb:.2f}, {_fmt(r.eps_hi)}]"
+            estimate = f"{_fmt(r.eps_hat)} [{r.eps_lb:.2f}, {_fmt(r.eps_hi)}]"
             lines.append(
-                f"{r.setting:<18}{r.trials:>7}{r.eps_claimed:>12.2f}{interval:>22}"
-                f"{r.ideal_eps_lb:>13.2f}  {r.verdict}"
+                f"{r.setting:<20}{r.trials:>7}{r.eps_claimed:>12.2f}{r.eps_lb:>8.2f}"
+                f"{estimate:>23}{r.ideal_eps_lb:>13.2f}  {r.verdict}"
             )
         return "\n".join(lines)
 
