@@ -62,10 +62,22 @@ def embedding_norm_sq(
     return round_up_f32(bound * (1 + 2.0**-48))
 
 
+def _micro_batch(module: nn.Module) -> int | None:
+    """The micro-batch size the tape expects (set by the private loader), if routed."""
+    tape = getattr(module.__dict__.get("forward"), "tape", None)
+    return getattr(tape, "expected_batch", None)
+
+
 @register_rule(nn.Embedding)
 class EmbeddingRule(LayerRule):
     def forward(self, module: nn.Embedding, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
         # sparse, scale_grad_by_freq and max_norm are refused by check_model
+        batch = _micro_batch(module)
+        if input.dim() >= 2 and input.shape[0] == 1 and batch not in (None, 1):
+            # ids shared by the batch, e.g. position ids (1, T) that the model broadcasts
+            # (BERT, GPT-2): as a (B, T) view each sample gets its own output, so G is
+            # per-sample; the sum the model broadcasts into is unchanged
+            input = input.expand(batch, *input.shape[1:])
         output = F.embedding(input, module.weight.detach(), module.padding_idx)
         return output, {"tokens": input.detach()}
 

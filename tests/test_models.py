@@ -1,0 +1,344 @@
+"""Models people train, as shipped, against the float64 single-sample oracle (tests/oracle.py).
+
+Built from tiny random configs (nothing is downloaded): transformers (GPT-2, BERT, Llama, ViT,
+a PEFT LoRA model), timm (ViT, ResNet with GroupNorm, ConvNeXt), torch built-ins
+(nn.TransformerEncoder, Conv3d, ConvTranspose2d, InstanceNorm2d, PReLU) and local stand-ins
+for the timm patterns (a parent owning a class token, LayerNorm2d, layer scale, a residual
+``out += identity``). The optional packages skip cleanly when absent (``pip install
+fastdp[hf]``); timm also needs an importable torchvision.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import assert_close_sums, oracle_grad_sum, per_sample_loss
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastdp
+
+B, T, VOCAB, HIDDEN = 3, 5, 17, 16
+
+
+def _import_or_skip(name: str):
+    """Like pytest.importorskip, but also skips a package that is installed and broken
+    (timm with a torchvision wheel that does not load on this torch)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as err:  # ImportError, or RuntimeError from a broken extension
+        pytest.skip(f"{name} not importable: {type(err).__name__}: {err}")
+
+
+def fastdp_sum(model, inputs, targets, clipping, max_grad_norm=1.0, micro_batch=None):
+    """tests/oracle.py's fastdp_grad_sum keyed by the names before make_private (swapped
+    modules such as nn.MultiheadAttention rename parameters but keep the objects)."""
+    model = copy.deepcopy(model)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    optimizer = torch.optim.SGD(list(named.values()), lr=1.0)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=inputs.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # explicit seed, fallback cost notes
+        model, optimizer, loader = fastdp.PrivacyEngine().make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=max_grad_norm,
+            clipping=clipping,
+            poisson_sampling=False,
+            max_physical_batch_size=micro_batch,
+            seed=0,
+            loss_reduction="sum",
+        )
+    for x, y in loader:
+        per_sample_loss(model(x), y).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: before[n] - p.detach() for n, p in named.items()}
+
+
+class Output(nn.Module):
+    """The tensor a transformers model returns (logits), from a positional input."""
+
+    def __init__(self, model: nn.Module, key: str = "input_ids", field: str = "logits"):
+        super().__init__()
+        self.model, self.key, self.field = model, key, field
+
+    def forward(self, x):
+        return getattr(self.model(**{self.key: x}), self.field)
+
+
+# ---- local stand-ins for timm's patterns ---------------------------------------------------
+class LayerNorm2d(nn.LayerNorm):
+    """timm.layers.LayerNorm2d: a LayerNorm subclass overriding forward (channels-first)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GroupNormAct(nn.GroupNorm):
+    """timm.layers.GroupNormAct: a GroupNorm subclass overriding forward."""
+
+    def forward(self, x):
+        return F.relu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise conv, LayerNorm2d, MLP, layer-scale gamma (a raw parameter), residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = LayerNorm2d(dim)
+        self.fc1 = nn.Conv2d(dim, 2 * dim, 1)
+        self.fc2 = nn.Conv2d(2 * dim, dim, 1)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.dwconv(x)))))
+        return x + y * self.gamma.view(1, -1, 1, 1)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18's block with GroupNorm and the in-place residual ``out += identity``."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.gn1 = GroupNormAct(2, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.gn2 = nn.GroupNorm(2, c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.gn2(self.conv2(self.gn1(self.conv1(x))))
+        out += identity
+        return F.relu(out, inplace=True)
+
+
+class ResNetGN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.layer1 = BasicBlock(4, 4)
+        self.layer2 = BasicBlock(4, 8, stride=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.gn(self.stem(x)), inplace=True)
+        x = self.layer2(self.layer1(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class TinyViT(nn.Module):
+    """timm's VisionTransformer pattern: the root owns cls_token and pos_embed, used in its
+    own forward around tapped children (patch conv, blocks, head)."""
+
+    def __init__(self, dim: int = HIDDEN):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, dim) * 0.1)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def _images(batch: int = B, size: int = 8) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, dtype=torch.float64)
+
+
+def _ids(batch: int = B) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, T))
+
+
+# ---- the models ------------------------------------------------------------------------------
+def _gpt2():
+    transformers = _import_or_skip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=8, n_embd=HIDDEN, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return Output(transformers.GPT2LMHeadModel(config)), _ids()
+
+
+def _bert():
+    transformers = _import_or_skip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=8, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
+    )  # fmt: skip
+    return Output(transformers.BertForSequenceClassification(config)), _ids()
+
+
+def _llama_config(transformers):
+    return transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def _llama():
+    transformers = _import_or_skip("transformers")
+    return Output(transformers.LlamaForCausalLM(_llama_config(transformers))), _ids()
+
+
+def _hf_vit():
+    transformers = _import_or_skip("transformers")
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=HIDDEN, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    return Output(transformers.ViTForImageClassification(config), "pixel_values"), _images()
+
+
+def _lora():
+    transformers = _import_or_skip("transformers")
+    peft = _import_or_skip("peft")
+    base = transformers.LlamaForCausalLM(_llama_config(transformers))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(base, config)
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give it a gradient
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    return Output(model), _ids()
+
+
+def _timm(name: str, **kwargs):
+    timm = _import_or_skip("timm")
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _timm_vit():
+    model = _timm(
+        "vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=HIDDEN, depth=2,
+        num_heads=2, num_classes=3,
+    )  # fmt: skip
+    return model, _images()
+
+
+def _timm_resnet_gn():
+    model = _timm("resnet18", num_classes=3, norm_layer=lambda c: nn.GroupNorm(2, c))
+    return model, _images(size=16)
+
+
+def _timm_convnext():
+    model = _timm("convnext_atto", num_classes=3, dims=(8, 8, 8, 8), depths=(1, 1, 1, 1))
+    return model, _images(size=32)
+
+
+def _encoder():
+    layer = nn.TransformerEncoderLayer(HIDDEN, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(HIDDEN, 2)
+    )
+    return model, torch.randn(B, T, HIDDEN, dtype=torch.float64)
+
+
+def _conv3d():
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, 3, stride=(1, 2, 1), padding=1, groups=2),
+        nn.Tanh(),
+        nn.Conv3d(4, 2, 2, bias=False),
+        nn.Flatten(),
+    )
+    return model, torch.randn(B, 2, 4, 5, 4, dtype=torch.float64)
+
+
+def _conv_transpose2d():
+    model = nn.Sequential(
+        nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+        nn.Tanh(),
+        nn.ConvTranspose2d(4, 2, 2, groups=2),
+        nn.Flatten(),
+    )
+    return model, _images(size=4)
+
+
+def _instance_prelu():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.InstanceNorm2d(4, affine=True),
+        nn.PReLU(4),
+        nn.Conv2d(4, 2, 3),
+        nn.PReLU(),
+        nn.Flatten(),
+    )
+    return model, _images()
+
+
+MODELS = {
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "llama": _llama,
+    "hf_vit": _hf_vit,
+    "lora_llama": _lora,
+    "timm_vit": _timm_vit,
+    "timm_resnet18_gn": _timm_resnet_gn,
+    "timm_convnext": _timm_convnext,
+    "transformer_encoder": _encoder,
+    "conv3d": _conv3d,
+    "conv_transpose2d": _conv_transpose2d,
+    "instancenorm_prelu": _instance_prelu,
+    "local_vit": lambda: (TinyViT(), _images()),
+    "local_resnet_gn": lambda: (ResNetGN(), _images()),
+    "local_convnext": lambda: (
+        nn.Sequential(ConvNeXtBlock(4), nn.Flatten()),
+        torch.randn(B, 4, 4, 4, dtype=torch.float64),
+    ),
+}
+AUTOMATIC = ["gpt2", "local_vit"]
+MICRO_BATCHED = ["bert", "local_resnet_gn", "transformer_encoder"]
+
+
+def _build(name: str):
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    model = model.double().train()
+    with torch.no_grad():
+        shape = model(inputs[:1]).shape[1:]
+    targets = torch.randn(inputs.shape[0], *shape, dtype=torch.float64)
+    return model, inputs, targets
+
+
+def _check(name: str, mode: str, micro_batch: int | None = None) -> None:
+    model, inputs, targets = _build(name)
+    expected = oracle_grad_sum(model, inputs, targets, mode, 1.0)
+    got = fastdp_sum(model, inputs, targets, mode, 1.0, micro_batch=micro_batch)
+    assert_close_sums(got, expected)
+
+
+CASES = [(name, mode) for name in MODELS for mode in ("flat", "none", "per_layer")]
+CASES += [(name, "automatic") for name in AUTOMATIC]
+
+
+@pytest.mark.parametrize("name,mode", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_model_matches_oracle(name, mode):
+    _check(name, mode)
+
+
+@pytest.mark.parametrize("name", MICRO_BATCHED)
+def test_model_micro_batched(name):
+    _check(name, "flat", micro_batch=2)  # B = 3: micro-batches of 2 and 1
