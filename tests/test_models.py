@@ -342,3 +342,80 @@ def test_model_matches_oracle(name, mode):
 @pytest.mark.parametrize("name", MICRO_BATCHED)
 def test_model_micro_batched(name):
     _check(name, "flat", micro_batch=2)  # B = 3: micro-batches of 2 and 1
+
+
+# ---- refusals --------------------------------------------------------------------------------
+def _make_private(model: nn.Module, inputs: torch.Tensor):
+    loader = DataLoader(TensorDataset(inputs, inputs), batch_size=inputs.shape[0])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    return fastdp.PrivacyEngine().make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        poisson_sampling=False,
+    )
+
+
+def test_tied_gpt2_is_refused_with_the_fix():
+    transformers = _import_or_skip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=8, n_embd=HIDDEN, n_layer=1, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = Output(transformers.GPT2LMHeadModel(config))  # tie_word_embeddings=True default
+    with pytest.raises(ValueError, match="weight tying"):
+        _make_private(model, _ids())
+
+
+def test_t5_shared_embedding_is_refused():
+    transformers = _import_or_skip("transformers")
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.T5ForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="same object|weight tying"):
+        _make_private(model, _ids())
+
+
+@pytest.mark.parametrize("layer", [nn.LSTM(4, 4, batch_first=True), nn.GRU(4, 4)])
+def test_recurrent_layers_are_refused_with_the_fix(layer):
+    with pytest.raises(ValueError, match="recurrent.*requires_grad_\\(False\\)"):
+        _make_private(nn.Sequential(layer), torch.randn(B, T, 4))
+
+
+def test_multihead_attention_with_kdim_is_refused():
+    attention = nn.MultiheadAttention(HIDDEN, 2, kdim=4, vdim=4, batch_first=True)
+    with pytest.raises(ValueError, match="MultiheadAttention.*kdim = vdim = embed_dim"):
+        _make_private(nn.Sequential(attention), torch.randn(B, T, HIDDEN))
+
+
+def test_norm_subclass_goes_to_the_fallback_not_a_contradiction():
+    from fastdp.rules import is_fallback, rule_for
+
+    assert is_fallback(rule_for(GroupNormAct(2, 4)))
+    assert is_fallback(rule_for(LayerNorm2d(4)))
+    assert not is_fallback(rule_for(nn.GroupNorm(2, 4)))
+
+
+def test_fallback_refuses_dropout_it_cannot_replay():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return F.dropout(x * self.scale, p=0.5, training=self.training)
+
+    model, optimizer, loader = _make_private(nn.Sequential(Noisy()), torch.randn(B, 4))
+    x, _ = next(iter(loader))
+    with pytest.raises(RuntimeError, match="dropout"):
+        model(x).square().sum().backward()
+
+
+def test_fallback_warns_when_its_gradients_are_large():
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(4))  # 4 of 24 parameters
+    with pytest.warns(UserWarning, match="PReLU.*materialised"):
+        _make_private(model, torch.randn(B, 4))
