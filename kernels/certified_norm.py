@@ -42,6 +42,7 @@ over-estimated by at most CERTIFY_RTOL relative.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -117,6 +118,17 @@ def row_norms(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float64)
 
 
+def row_norm_bounds(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, T) float64 upper bounds on ||x_t||, from a float32 norm (a quarter of the cost of
+    float64 on CPU): sum of k squares, relative error <= gamma32_{k+1}, each square off by at
+    most eta32 when it underflows, so ||x|| <= nu32 (1 + gamma32_{k+2}) + sqrt(k eta32) with
+    sqrt(k eta32) < 2^-58. A square that overflows makes the bound inf (the sample is then
+    redone in float64, where row norms are recomputed)."""
+    k = tensor.shape[-1]
+    nu = torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float32).double()
+    return nu.mul_(1.0 + 2 * gamma(k + 2, U32)).add_(2.0**-58)
+
+
 def _inflate(n_terms: float) -> float:
     """1 + a bound on the relative error of float64 non-negative sums of n_terms terms (4)."""
     return 1.0 + 4.0 * gamma(n_terms + 16, U64)
@@ -159,34 +171,35 @@ def _underflow_ghost(nu_a, nu_g, eta: float, d_in: int, d_out: int) -> torch.Ten
 
 
 def _direct_block(n_tokens: int, u_acc: float) -> int:
-    """Token block of the direct method: the error of a length-n dot is gamma_n S, and S is
-    ~sqrt(T) ||G^T A|| for independent tokens, so blocks keep 2 gamma_block sqrt(T) below a
-    quarter of CERTIFY_RTOL; block results are summed in float64 (error ~1e-16)."""
+    """Token block of the direct method: a length-n dot is off by up to gamma_n S, and S is
+    ~sqrt(T) ||G^T A|| for independent tokens, so the block keeps 2 gamma_block sqrt(T) under a
+    third of CERTIFY_RTOL (honest samples are then not flagged); blocks are summed in float64
+    (error ~1e-16). T <= ~100 needs no blocks."""
     block = 1 << 30
-    while block > 16 and 2 * gamma(block + 4, u_acc) * math.sqrt(n_tokens) > CERTIFY_RTOL / 4:
+    while block > 16 and 2 * gamma(block + 4, u_acc) * math.sqrt(n_tokens) > CERTIFY_RTOL / 3:
         block //= 2
     return min(block, max(n_tokens, 1))
 
 
-def _direct_certified(a, g, nu_a, nu_g, arith: Arithmetic) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N_hat, bound) float64 for one chunk: G^T A by token blocks of fp32 GEMMs (inner length
-    <= block, error gamma_block |G_b|^T |A_b|) summed in float64."""
+def _direct_certified(
+    a, g, s: torch.Tensor, arith: Arithmetic, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_hat, bound) float64 for one chunk: G^T A by token blocks of GEMMs (inner length
+    <= block, error gamma_block |G_b|^T |A_b|) summed in float64. ``s``: (B,) upper bounds on
+    || |G|^T |A| ||_F, e.g. sum_t ||a_t|| ||g_t|| or ||A||_F ||G||_F (Cauchy-Schwarz)."""
     batch, n_tokens, d_in = a.shape
     d_out = g.shape[2]
-    block = _direct_block(n_tokens, arith.u_acc) if a.dtype != torch.float64 else n_tokens
     n_blocks = -(-n_tokens // block)
-    if n_blocks == 1:
-        grads = torch.bmm(g.transpose(1, 2), a)
-    else:
-        pad = n_blocks * block - n_tokens  # zero rows add nothing, exactly
-        a_b = torch.nn.functional.pad(a, (0, 0, 0, pad)).view(batch * n_blocks, block, d_in)
-        g_b = torch.nn.functional.pad(g, (0, 0, 0, pad)).view(batch * n_blocks, block, d_out)
-        grads = torch.bmm(g_b.transpose(1, 2), a_b).view(batch, n_blocks, d_out, d_in)
-        grads = grads.sum(1, dtype=torch.float64)
+    grads = torch.bmm(g[:, :block].transpose(1, 2), a[:, :block])
+    if n_blocks > 1:  # strided slices, no copies; float64 accumulator
+        grads = grads.double()
+        for start in range(block, n_tokens, block):
+            stop = start + block
+            grads += torch.bmm(g[:, start:stop].transpose(1, 2), a[:, start:stop])
     root = row_norms(grads.flatten(1).unsqueeze(1)).squeeze(1)
     g_block = arith.dot_gamma(block)
     rel = g_block + gamma(n_blocks, U64) * (1.0 + g_block)
-    err = rel * (nu_a * nu_g).sum(1) + n_tokens * arith.eta * math.sqrt(d_in * d_out)
+    err = rel * s + n_tokens * arith.eta * math.sqrt(d_in * d_out)
     n_all = n_tokens + d_in * d_out + d_in + d_out
     n_hat = root.square()
     return n_hat, ((root * _inflate(n_all) + err * _inflate(n_all)).square() - n_hat)
@@ -196,25 +209,35 @@ def _torch_certified(
     activations: torch.Tensor,
     grad_outputs: torch.Tensor,
     method: str,
-    nu_a: torch.Tensor,
-    nu_g: torch.Tensor,
+    mags: tuple[torch.Tensor, ...],
     work: torch.dtype = torch.float32,
+    block: int | None = None,
 ) -> torch.Tensor:
     """(B,) float64 certified bound on ||G_i^T A_i||_F^2 (exact) by the torch path in ``work``
-    precision (float64 if an input is); nu_a, nu_g: (B, T) float64 row norms. Samples whose
-    bound exceeds CERTIFY_RTOL of the value are redone in float64."""
+    precision (float64 if an input is); ``mags``: float64 upper bounds, ghost (nu_a, nu_g) the
+    (B, T) row norms, direct (s,) the (B,) bound on || |G|^T |A| ||_F;
+    ``block``: token block of the direct method (None: ``_direct_block``). Samples whose bound
+    exceeds CERTIFY_RTOL of the value are redone in float64."""
     if torch.float64 in (activations.dtype, grad_outputs.dtype):
         work = torch.float64
+    if work == torch.float64:  # the last level: its own float64 row norms, always finite
+        nu_a = row_norms(activations) * _inflate(activations.shape[2])
+        nu_g = row_norms(grad_outputs) * _inflate(grad_outputs.shape[2])
+        s = (nu_a * nu_g).sum(1) * _inflate(activations.shape[1])
+        mags = (nu_a, nu_g) if method == "ghost" else (s,)
     a, g = activations.to(work), grad_outputs.to(work)
     arith = torch_arithmetic(work, a.device)
     batch, n_tokens, d_in = a.shape
-    per_sample = n_tokens * n_tokens if method == "ghost" else d_in * g.shape[2]
-    if method == "direct" and work != torch.float64:
-        per_sample *= -(-n_tokens // _direct_block(n_tokens, arith.u_acc))
+    if block is None:
+        block = n_tokens if work == torch.float64 else _direct_block(n_tokens, arith.u_acc)
+    per_sample = n_tokens * n_tokens if method == "ghost" else 3 * d_in * g.shape[2]
     chunk = max(1, _CHUNK_ELEMENTS // per_sample)
-    impl = _ghost_certified if method == "ghost" else _direct_certified
+    if method == "ghost":
+        impl = _ghost_certified
+    else:
+        impl = functools.partial(_direct_certified, block=block)
     parts = [
-        impl(a[i : i + chunk], g[i : i + chunk], nu_a[i : i + chunk], nu_g[i : i + chunk], arith)
+        impl(a[i : i + chunk], g[i : i + chunk], *(m[i : i + chunk] for m in mags), arith)
         for i in range(0, batch, chunk)
     ]
     n_hat = torch.cat([p[0] for p in parts])
@@ -227,15 +250,14 @@ def _torch_certified(
             # both are upper bounds, keep the smaller
             index = flagged.nonzero().squeeze(1)
             direct = _torch_certified(
-                activations[index], grad_outputs[index], "direct", nu_a[index], nu_g[index],
-                torch.float64,
-            )  # fmt: skip
+                activations[index], grad_outputs[index], "direct", (s[index],), torch.float64
+            )
             certified[index] = torch.minimum(certified[index], direct)
         return certified
 
     def redo(index: torch.Tensor) -> torch.Tensor:
         return _torch_certified(
-            activations[index], grad_outputs[index], method, nu_a[index], nu_g[index],
+            activations[index], grad_outputs[index], method, tuple(m[index] for m in mags),
             torch.float64,
         )  # fmt: skip
 
@@ -257,11 +279,11 @@ def _refine(n_hat: torch.Tensor, bound: torch.Tensor, redo) -> torch.Tensor:
     return certified
 
 
-def _triton_certified(activations, grad_outputs, method, nu_a, nu_g) -> torch.Tensor | None:
-    """The Triton kernels' value plus an order-free bound from row norms only (the kernels keep
-    no Grams); flagged samples are redone by the torch path (tight Gram bound, then float64).
-    None when that bound cannot meet CERTIFY_RTOL for any input: the torch path is used
-    instead of a kernel whose every result would be redone."""
+def _triton_certified(activations, grad_outputs, method, mags, s) -> torch.Tensor | None:
+    """The Triton kernels' value plus an order-free bound from magnitudes only (the kernels
+    keep no Grams); flagged samples are redone by the torch path (tight Gram bound, then
+    float64). None when that bound cannot meet CERTIFY_RTOL for any input: the torch path is
+    used instead of a kernel whose every result would be redone."""
     batch, n_tokens, d_in = activations.shape
     d_out = grad_outputs.shape[2]
     arith = triton_arithmetic(activations, grad_outputs)
@@ -278,44 +300,73 @@ def _triton_certified(activations, grad_outputs, method, nu_a, nu_g) -> torch.Te
     from fastdp.kernels import per_sample_norm_triton
 
     n_hat = per_sample_norm_triton.per_sample_norm_sq(activations, grad_outputs, method).double()
-    n_all = n_tokens * n_tokens + n_tokens + d_in + d_out
-    s = (nu_a * nu_g).sum(1) * _inflate(n_all)
     if method == "ghost":
-        bound = slack * s.square() + _underflow_ghost(nu_a, nu_g, arith.eta, d_in, d_out)
+        bound = slack * s.square() + _underflow_ghost(*mags, arith.eta, d_in, d_out)
     else:
         root = (n_hat.clamp(min=0) / (1 - final)).sqrt()
         err = arith.dot_gamma(n_tokens) * s + n_tokens * arith.eta * math.sqrt(d_in * d_out)
         bound = (root + err).square() - n_hat
-    bound = bound * _inflate(n_all)
+    bound = bound * _inflate(n_tokens * n_tokens + n_tokens + d_in + d_out)
 
     def redo(index: torch.Tensor) -> torch.Tensor:
         return _torch_certified(
-            activations[index], grad_outputs[index], method, nu_a[index], nu_g[index]
+            activations[index], grad_outputs[index], method, tuple(m[index] for m in mags)
         )
 
     return _refine(n_hat, bound, redo)
 
 
+def frobenius_bounds(tensor: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 upper bounds on ||x_i||_F of a (B, T, k) tensor from a float32 norm over
+    (T, k) (contiguous or not, it reads memory in order: unfolded convolution inputs are
+    transposed views, where per-row norms cost more than the GEMM): as ``row_norm_bounds``."""
+    n = tensor.shape[1] * tensor.shape[2]
+    nu = torch.linalg.vector_norm(tensor, dim=(1, 2), dtype=torch.float32).double()
+    return nu.mul_(1.0 + 2 * gamma(n + 2, U32)).add_(2.0**-58)
+
+
+def _magnitudes(activations, grad_outputs, method) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """(mags, S): ghost needs the row norms (nu_a, nu_g), S = sum_t nu_a nu_g; direct only
+    needs S >= || |G|^T |A| ||_F and takes ||A||_F ||G||_F (Cauchy-Schwarz), cheaper to read.
+    Float32 bounds; where they overflow, float64 (then S is finite for every finite input)."""
+    n_tokens, d_in, d_out = activations.shape[1], activations.shape[2], grad_outputs.shape[2]
+    if method == "ghost":
+        nu_a, nu_g = row_norm_bounds(activations), row_norm_bounds(grad_outputs)
+        s = (nu_a * nu_g).sum(1) * _inflate(n_tokens)
+    else:
+        s = frobenius_bounds(activations) * frobenius_bounds(grad_outputs) * _inflate(2)
+    overflow = ~torch.isfinite(s)
+    if bool(overflow.any()):  # squares past float32's range: float64 norms there
+        index = overflow.nonzero().squeeze(1)
+        a64, g64 = row_norms(activations[index]), row_norms(grad_outputs[index])
+        if method == "ghost":
+            nu_a[index], nu_g[index] = a64 * _inflate(d_in), g64 * _inflate(d_out)
+            s = (nu_a * nu_g).sum(1) * _inflate(n_tokens)
+        else:
+            s[index] = (a64 * g64).sum(1) * _inflate(n_tokens + d_in + d_out)
+    return ((nu_a, nu_g) if method == "ghost" else (s,)), s
+
+
 def certified_weight_norm_sq(
     activations: torch.Tensor, grad_outputs: torch.Tensor, method: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(certified ||G_i^T A_i||_F^2, S_i = sum_t ||a_t|| ||g_t||), both (B,) float64."""
+    """(certified ||G_i^T A_i||_F^2, S_i >= sum_t ||a_t|| ||g_t||), both (B,) float64."""
     _check(activations, grad_outputs)
     batch, n_tokens, d_in = activations.shape
     d_out = grad_outputs.shape[2]
-    nu_a, nu_g = row_norms(activations), row_norms(grad_outputs)
-    s = (nu_a * nu_g).sum(1) * _inflate(n_tokens + d_in + d_out)
-    if batch == 0 or n_tokens <= 1:  # T = 1: N = ||a||^2 ||g||^2, no cancellation possible
+    if n_tokens <= 1 or batch == 0:  # T = 1: N = ||a||^2 ||g||^2 from float64 norms, exact-ish
+        s = (row_norms(activations) * row_norms(grad_outputs)).sum(1) * _inflate(d_in + d_out)
         return s.square() * _inflate(2), s
     if method is None:
         method = choose_method(batch, n_tokens, d_in, d_out)
     if method not in METHODS:
         raise ValueError(f"unknown per-sample norm method {method!r}; use one of {METHODS}")
+    mags, s = _magnitudes(activations, grad_outputs, method)
     norms = None
     if use_triton(activations, grad_outputs):
-        norms = _triton_certified(activations, grad_outputs, method, nu_a, nu_g)
+        norms = _triton_certified(activations, grad_outputs, method, mags, s)
     if norms is None:
-        norms = _torch_certified(activations, grad_outputs, method, nu_a, nu_g)
+        norms = _torch_certified(activations, grad_outputs, method, mags)
     return norms, s
 
 
@@ -338,19 +389,24 @@ def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
     """(B,) float64 bound on ||sum_t fl(c g_t)||^2 / c^2 for G (B, T, p): the bias gradient as
     both clipped GEMMs add it (c * g rounded once in float32, rho = u32). b = sum_t g_t is
     summed in float64 (error <= gamma64_T sum_t ||g_t||), so
-    ||b_added|| / c <= ||b64|| (1 + gamma64) + (gamma64_T + u32) sum_t ||g_t||."""
+    ||b_added|| / c <= ||b64|| (1 + gamma64) + (gamma64_T + u32) M,
+    M = sqrt(T) ||G||_F >= sum_t ||g_t|| (Cauchy-Schwarz; one read of G in memory order)."""
     n_tokens, d_out = grad_outputs.shape[1], grad_outputs.shape[2]
-    summed = grad_outputs.sum(1, dtype=torch.float64)
     n_all = n_tokens + d_out
+    if n_tokens == 1:
+        root = row_norms(grad_outputs).squeeze(1) * _inflate(n_all)
+        return (root * (1.0 + U32)).square() * _inflate(4)
+    mags = frobenius_bounds(grad_outputs) * math.sqrt(n_tokens)
+    summed = grad_outputs.sum(1, dtype=torch.float64)
     root = torch.linalg.vector_norm(summed, dim=1) * _inflate(n_all)
-    mags = row_norms(grad_outputs).sum(1) * _inflate(n_all)
     return (root + (gamma(n_tokens, U64) + U32) * mags).square() * _inflate(4)
 
 
 def round_up_f32(values: torch.Tensor) -> torch.Tensor:
-    """float64 -> float32 rounded toward +inf (a certified bound stays one after the cast)."""
-    down = values.float()
-    return torch.where(down.double() < values, torch.nextafter(down, torch.tensor(math.inf)), down)
+    """float64 -> float32, never below: fl32(v (1 + 2^-23) + 2^-149) >= v, since rounding to
+    nearest moves a normal value by at most 2^-24 of itself and a subnormal one by at most
+    2^-150 (and past float32's range gives inf)."""
+    return (values * (1.0 + 2.0**-23) + 2.0**-149).float()
 
 
 def certified_norm_sq(
