@@ -7,8 +7,10 @@ the per-layer thresholds, sigma, sample rate, dataset size, sampling, loss reduc
 size, accountant): a checkpoint only resumes into an engine made private with the same ones,
 or the accountant would report an epsilon for steps it did not take (e.g. unclipped
 Noisy-SGD steps resumed as flat clipping). The secret makes the file as sensitive as the
-data. Files are written to a temporary name in the same directory, fsynced and renamed over
-the target, so a crash mid-write leaves the previous checkpoint.
+data. Resuming replays the noise of the steps after the checkpoint: resume only from a run's
+latest checkpoint (an engine that already stepped refuses to load one). Files are written to
+a temporary name in the same directory, fsynced and renamed over the target, so a crash
+mid-write leaves the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def load(engine, *, path, module: nn.Module, optimizer=None) -> dict:
     if run is None:
         raise RuntimeError("load_checkpoint needs an engine that made a model private first")
     _check_same_run(payload["run"], run.facts(), path)
+    if run.logical_step or engine.accountant.history:
+        raise RuntimeError(
+            f"this engine has already taken {run.logical_step} logical step(s): loading "
+            f"{str(path)!r} into it would drop them from the accounting and replay the noise "
+            "of the steps after the checkpoint (a rollback that then diverges releases two "
+            "updates whose difference has no noise). Load checkpoints into a freshly made "
+            "private engine, and resume only from the latest checkpoint of a run."
+        )
     module.load_state_dict(payload["module"])
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])

@@ -245,14 +245,21 @@ class DPDataLoader:
         plan = self._plan()
         self._plan_cache = None
         batches = self._fetch([chunk for _, chunks in plan for chunk in chunks])
-        for t, chunks in plan:
-            for j in range(len(chunks)):
-                if self.optimizer.logical_step != t:
-                    raise RuntimeError(
-                        f"logical step {t} expected, but the optimizer is at "
-                        f"{self.optimizer.logical_step}: call optimizer.step() exactly once "
-                        "after every micro-batch the private loader yields."
-                    )
-                batch = next(batches)
-                self.optimizer.signal_micro_batch(is_last=j == len(chunks) - 1, size=len(chunks[j]))
-                yield batch
+        try:
+            for t, chunks in plan:
+                for j in range(len(chunks)):
+                    if self.optimizer.logical_step != t:
+                        raise RuntimeError(
+                            f"logical step {t} expected, but the optimizer is at "
+                            f"{self.optimizer.logical_step}: call optimizer.step() exactly once "
+                            "after every micro-batch the private loader yields."
+                        )
+                    batch = next(batches)
+                    is_last = j == len(chunks) - 1
+                    self.optimizer.signal_micro_batch(is_last=is_last, size=len(chunks[j]))
+                    yield batch
+        finally:
+            # the loop left (break, a peek with next(iter(loader)), an exception): a signal
+            # its step() did not consume must not make a later step on other data count as
+            # drawn by this loader
+            self.optimizer.signal_micro_batch(is_last=None, size=None)

@@ -276,12 +276,6 @@ def _check_embedding(display: str, module: nn.Embedding) -> None:
             f"module '{display}' (Embedding) has scale_grad_by_freq=True, which couples samples "
             "through batch-wide token counts (no per-sample gradient): set it to False."
         )
-    if module.max_norm is not None:
-        raise ValueError(
-            f"module '{display}' (Embedding) has max_norm set: the forward renormalises, in "
-            "place and without noise, exactly the rows of the tokens in the batch, which "
-            "reveals which tokens were present. Use max_norm=None."
-        )
 
 
 def _optimizer_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

@@ -144,10 +144,11 @@ class DPOptimizer(Optimizer):
         self.tape.finish()
         return self.tape.grads
 
-    def signal_micro_batch(self, is_last: bool, size: int | None = None) -> None:
+    def signal_micro_batch(self, is_last: bool | None, size: int | None = None) -> None:
         """Called by the private loader before it yields each micro-batch of ``size``
-        samples (every handled layer must then see that leading dimension)."""
-        self._pending_last = bool(is_last)
+        samples (every handled layer must then see that leading dimension), and with
+        ``is_last`` None when the loop leaves a yielded micro-batch without its step()."""
+        self._pending_last = None if is_last is None else bool(is_last)
         self.tape.expected_batch = size
 
     def step(self, closure: Callable[[], float] | None = None):
@@ -164,6 +165,16 @@ class DPOptimizer(Optimizer):
             )
         self._refuse_plain_gradients()
         pending, self._pending_last = self._pending_last, None
+        if pending is None and self.run.micro_step:
+            self.tape.reset()
+            self.tape.invalid_reason = "step() twice for one micro-batch"
+            raise RuntimeError(
+                "optimizer.step() was called twice for one micro-batch of the private loader "
+                "(or after the loop left a logical batch unfinished): a second backward on "
+                "the same samples would be clipped and counted again. Call step() exactly once "
+                "per yielded micro-batch; call optimizer.discard_logical_batch() to start over."
+            )
+        self.tape.close_micro_batch()
         self.tape.expected_batch = None
         if pending is False:
             self.last_step_updated = False

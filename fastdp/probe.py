@@ -6,10 +6,19 @@ leading dimension. That check cannot tell samples from positions when they happe
 the same size: a sequence-first layer on (T, B, d), or a positional embedding called on
 arange(T) and broadcast over the batch, passes it whenever T == B, and then mixes samples in
 one per-"sample" gradient (a sensitivity of several C). So the first training pass of every
-input signature is followed by a probe: the same model, under ``torch.no_grad()`` and with
-the RNG state restored afterwards, on B' samples (the batch's rows repeated), where B' >= 2
-differs from the batch size and from every dimension the layers and inputs showed. A layer
-whose leading dimension does not follow B' is not batch-first, and is refused by name.
+input signature is followed by a probe: the same model, under ``torch.no_grad()``, in eval
+mode (no dropout) and with the RNG state restored afterwards, run twice: on the batch, and
+on B' samples made of the batch's rows repeated (index j -> j mod B), where B' >= 2 differs
+from the batch size, is not a multiple of it, and differs from every dimension the layers
+and inputs showed. Two things are checked:
+- every handled layer's leading dimension follows B' (else it is not batch-first and is
+  refused by name);
+- the model's per-sample outputs do not depend on the other samples: output row j of the
+  second pass equals output row j mod B of the first. Batch statistics computed by plain
+  tensor code (``F.batch_norm(..., training=True)``, ``x - x.mean(0)``, in-model mixup) fail
+  this, since the repeated rows change every batch statistic.
+A loss that mixes samples (a contrastive loss over the batch) is outside the model and
+cannot be probed: the loss must be a sum or mean of per-sample terms (README).
 """
 
 from __future__ import annotations
@@ -33,14 +42,14 @@ class BatchAxisProbe:
         self._dims.update(int(d) for d in output.shape[1:])
 
     def after_forward(self, module: nn.Module, args, kwargs, output) -> None:
-        """Forward hook of the root model: probe once per new input signature."""
+        """Forward hook of the root model: probe once per new input signature of a pass
+        with autograd on (layers inside reentrant checkpoints ran under no_grad: the probe
+        still reaches them, since it runs every layer's rule)."""
         from fastdp.tape import in_backward
 
         if self.active or in_backward() or not torch.is_grad_enabled():
             return
         dims, self._dims = self._dims, set()
-        if self.tape._pass_batch is None:
-            return  # no handled layer ran with autograd on: nothing to prove
         batch = self.tape.expected_batch
         if batch is None:
             batch = _leading_size((args, kwargs))
@@ -50,17 +59,28 @@ class BatchAxisProbe:
         if signature in self._signatures:
             return
         dims |= _all_dims((args, kwargs))
-        probe_batch = next(k for k in range(2, batch + len(dims) + 3) if k not in dims | {batch})
+        probe_batch = next(
+            k
+            for k in range(2, 2 * batch + len(dims) + 3)
+            if k not in dims and k != batch and (batch == 1 or k % batch)
+        )
         index = torch.arange(probe_batch) % batch
         probe_args, probe_kwargs = _take((args, kwargs), batch, index)
         devices = sorted(
             {t.device.index or 0 for t in _tensors((args, kwargs)) if t.device.type == "cuda"}
         )
-        self.active, self.batch = True, probe_batch
-        saved_expected, self.tape.expected_batch = self.tape.expected_batch, probe_batch
+        modes = [(m, m.training) for m in module.modules()]
+        saved_expected = self.tape.expected_batch
+        self.active = True
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                module(*probe_args, **probe_kwargs)
+                module.eval()
+                self.batch = batch
+                self.tape.expected_batch = batch
+                reference = module(*args, **kwargs)
+                self.batch = probe_batch
+                self.tape.expected_batch = probe_batch
+                probed = module(*probe_args, **probe_kwargs)
         except ProbeRefusal:
             raise
         except Exception as err:
@@ -72,8 +92,11 @@ class BatchAxisProbe:
                 "with T == B) confuses it: give such inputs a leading batch dimension."
             ) from err
         finally:
+            for m, training in modes:
+                m.training = training
             self.active, self.batch = False, None
             self.tape.expected_batch = saved_expected
+        _check_rows(reference, probed, batch, index)
         self._signatures.add(signature)
 
     def run_layer(self, routed, *args, **kwargs):
@@ -95,6 +118,31 @@ class BatchAxisProbe:
 
 class ProbeRefusal(ValueError):
     """A layer failed the batch-axis probe."""
+
+
+def _check_rows(reference, probed, batch: int, index: torch.Tensor) -> None:
+    """Output row j of the probe pass must equal row index[j] of the reference pass."""
+    pairs = [
+        (r, p)
+        for r, p in zip(_tensors(reference), _tensors(probed))
+        if r.is_floating_point() and r.dim() and r.shape[0] == batch and p.shape[0] == len(index)
+    ]
+    for r, p in pairs:
+        expected = r.index_select(0, index.to(r.device)).double().reshape(len(index), -1)
+        got = p.double().reshape(len(index), -1)
+        scale = expected.abs().amax(1).clamp(min=1e-30)
+        err = (got - expected).abs().amax(1)
+        finite = torch.isfinite(expected).all(1) & torch.isfinite(got).all(1)
+        bad = finite & (err > 1e-3 * scale + 1e-6)
+        if bool(bad.any()):
+            raise ProbeRefusal(
+                "the model's output for one sample depends on the other samples of the batch "
+                f"(output row {int(bad.nonzero()[0])} changed by {float(err[bad].max()):.3g} "
+                "when other rows were repeated): batch statistics computed in the forward "
+                "(F.batch_norm with training=True, x - x.mean(0), mixup inside the model) mix "
+                "samples, so per-sample clipping bounds nothing. Compute such statistics per "
+                "sample (GroupNorm / LayerNorm), or outside the private model."
+            )
 
 
 def _tensors(tree):

@@ -101,6 +101,7 @@ class Tape:
         self._recorded: set[int] = set()  # modules that received G in this micro-batch
         self._micro_batch: tuple[str, int] | None = None
         self._open_passes: set[int] = set()  # graph tasks whose end callback is queued
+        self._in_root_pass = False  # inside the private model's own forward
 
     # ---- attaching ----------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -130,6 +131,7 @@ class Tape:
         if in_backward() or self.probe.active:
             return  # checkpoint recomputation or the probe: not a new training forward
         self.guard.before()
+        self._in_root_pass = True
         if self._open_passes:
             # a backward raised (e.g. in a user hook) before autograd finished it: some
             # layers may have added their share to the logical batch already
@@ -142,6 +144,7 @@ class Tape:
     def _end_pass(self, module, args, kwargs, output) -> None:
         if in_backward() or self.probe.active:
             return
+        self._in_root_pass = False
         self.guard.after()
         self.probe.after_forward(module, args, kwargs, output)
 
@@ -214,8 +217,6 @@ class Tape:
         if self.invalid_reason is not None:
             return
         dropped = self._guarded(self.strategy.finish, self)
-        self._recorded.clear()
-        self._micro_batch = None
         if dropped:
             self.dropped += dropped
             warnings.warn(
@@ -224,6 +225,13 @@ class Tape:
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+    def close_micro_batch(self) -> None:
+        """After ``finish``, at ``optimizer.step()``: the next backward pass belongs to a new
+        micro-batch (until then a second backward through a layer is refused, also after
+        ``finish`` ran early because ``grad_sums`` was read)."""
+        self._recorded.clear()
+        self._micro_batch = None
 
     def _fail(self, message: str) -> None:
         """Abort this backward pass: the logical batch is invalid until discarded."""
@@ -275,6 +283,13 @@ class _RoutedForward:
             return tape.probe.run_layer(self, *args, **kwargs)
         if not torch.is_grad_enabled():
             return type(module).forward(module, *args, **kwargs)
+        if not (tape._in_root_pass or in_backward()):
+            raise RuntimeError(
+                f"module '{self.name}' ({type(module).__name__}) was called with autograd on "
+                "outside the forward of the model made private. fastdp's per-pass checks "
+                "(batch axis, buffers, batch-statistics modules) run around that forward: call "
+                "the model, not its submodules, in training."
+            )
         output, saved = self.rule.forward(module, *args, **kwargs)
         if getattr(self.rule, "may_save_output", False):
             output = output.clone()  # the tap marks its input dirty: keep autograd's copy

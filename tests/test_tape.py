@@ -67,7 +67,9 @@ def test_flattened_batch_dimension_is_refused():
         poisson_sampling=False,
     )
     xb, yb = next(iter(loader))
-    with pytest.raises(ValueError, match=r"'lin' \(Linear\) saw a leading dimension of 8"):
+    with pytest.raises(
+        ValueError, match=r"'lin' \(Linear\) (saw a leading dimension of 8|is not batch-first)"
+    ):
         m(xb)
 
 
@@ -113,7 +115,7 @@ def test_embedding_max_norm_refused():
             super().__init__()
             self.emb = nn.Embedding(10, 4, max_norm=1.0)
 
-    with pytest.raises(ValueError, match=r"'emb' \(Embedding\) has max_norm"):
+    with pytest.raises(ValueError, match=r"'emb' \(.*Embedding\) has max_norm"):
         _make(Emb())
 
 
