@@ -42,7 +42,6 @@ over-estimated by at most CERTIFY_RTOL relative.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -125,6 +124,8 @@ def row_norm_bounds(tensor: torch.Tensor) -> torch.Tensor:
     sqrt(k eta32) < 2^-58. A square that overflows makes the bound inf (the sample is then
     redone in float64, where row norms are recomputed)."""
     k = tensor.shape[-1]
+    if tensor.dtype == torch.float64:
+        return row_norms(tensor) * _inflate(k)
     nu = torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float32).double()
     return nu.mul_(1.0 + 2 * gamma(k + 2, U32)).add_(2.0**-58)
 
@@ -136,22 +137,27 @@ def _inflate(n_terms: float) -> float:
 
 def _quad(kernel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B,) w' |K| w for K (B, T, T) and w (B, T), in K's precision (overwrites K with |K|)."""
-    kernel.abs_()
     w = weights.to(kernel.dtype)
-    return torch.bmm(kernel, w.unsqueeze(2)).squeeze(2).mul_(w).sum(1).double()
+    return kernel.abs_().mul_(w.unsqueeze(1)).sum(2).mul_(w).sum(1).double()
 
 
-def _ghost_certified(a, g, nu_a, nu_g, arith: Arithmetic) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N_hat, bound) float64 for one chunk: a, g float32 or float64 (the working type)."""
+def _ghost_certified(a, g, arith: Arithmetic) -> tuple[torch.Tensor, ...]:
+    """(N_hat, bound, S) float64 for one chunk: a, g float32 or float64 (the working type).
+
+    The row norms come from the Grams' diagonals, at no extra read of A and G:
+    |Khat_tt - ||a_t||^2| <= g_d ||a_t||^2 + d eta, so ||a_t|| <= sqrt((Khat_tt + d eta) /
+    (1 - g_d)) (inf if g_d >= 1 or Khat overflows: the sample is then flagged)."""
     n_tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    g_d, g_p = arith.dot_gamma(d_in), arith.dot_gamma(d_out)
     gram_a = torch.bmm(a, a.transpose(1, 2))
     gram_g = torch.bmm(g, g.transpose(1, 2))
+    nu_a = _diag_norms(gram_a, g_d, d_in * arith.eta)
+    nu_g = _diag_norms(gram_g, g_p, d_out * arith.eta)
     n_hat = (gram_a * gram_g).sum((1, 2), dtype=torch.float64)
     u_w = torch.finfo(a.dtype).eps / 2
     q_a = _quad(gram_g, nu_a) * (1.0 + gamma(2 * n_tokens + 8, u_w))
     q_g = _quad(gram_a, nu_g) * (1.0 + gamma(2 * n_tokens + 8, u_w))
-    g_d, g_p = arith.dot_gamma(d_in), arith.dot_gamma(d_out)
-    s = (nu_a * nu_g).sum(1)
+    s = (nu_a * nu_g).sum(1) * _inflate(n_tokens)
     bound = (
         g_d * q_a
         + g_p * q_g
@@ -159,7 +165,15 @@ def _ghost_certified(a, g, nu_a, nu_g, arith: Arithmetic) -> tuple[torch.Tensor,
         + (u_w + gamma(n_tokens * n_tokens, U64)) * (1.0 + g_p) * q_g
         + _underflow_ghost(nu_a, nu_g, arith.eta, d_in, d_out)
     )
-    return n_hat, bound * _inflate(n_tokens * n_tokens + d_in + d_out)
+    return n_hat, bound * _inflate(n_tokens * n_tokens + d_in + d_out), s
+
+
+def _diag_norms(gram: torch.Tensor, rel: float, absolute: float) -> torch.Tensor:
+    """(B, T) float64 upper bounds on the row norms behind a computed Gram (B, T, T)."""
+    if not rel < 1:
+        return torch.full(gram.shape[:2], math.inf, dtype=torch.float64, device=gram.device)
+    diag = gram.diagonal(dim1=1, dim2=2).to(torch.float64, copy=True)  # not a view of K
+    return diag.add_(absolute).div_(1.0 - rel).sqrt_().mul_(1.0 + 4 * U64)
 
 
 def _underflow_ghost(nu_a, nu_g, eta: float, d_in: int, d_out: int) -> torch.Tensor:
@@ -181,6 +195,23 @@ def _direct_block(n_tokens: int, u_acc: float) -> int:
     return min(block, max(n_tokens, 1))
 
 
+def _frobenius(grads: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 upper bound on ||X_i||_F of a (B, p, d) float32/float64 tensor: float32
+    norms of rows of <= 256 entries (a divisor of d; relative error <= gamma32_258, ~1.5e-5)
+    combined in float64; a float64 copy of X can cost several times the GEMM that made it."""
+    if grads.dtype == torch.float64:
+        return torch.linalg.vector_norm(grads, dim=(1, 2)) * _inflate(grads[0].numel())
+    batch, d_out, d_in = grads.shape
+    rows = grads
+    if d_in > 256 and grads.is_contiguous():
+        width = next(w for w in range(256, 0, -1) if d_in % w == 0)
+        rows = grads.view(batch, d_out * d_in // width, width)
+    width = rows.shape[2]
+    nu = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float32).double()
+    nu = nu.mul_(1.0 + 2 * gamma(width + 2, U32)).add_(2.0**-58)
+    return torch.linalg.vector_norm(nu, dim=1) * _inflate(rows.shape[1])
+
+
 def _direct_certified(
     a, g, s: torch.Tensor, arith: Arithmetic, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +227,7 @@ def _direct_certified(
         for start in range(block, n_tokens, block):
             stop = start + block
             grads += torch.bmm(g[:, start:stop].transpose(1, 2), a[:, start:stop])
-    root = row_norms(grads.flatten(1).unsqueeze(1)).squeeze(1)
+    root = _frobenius(grads)
     g_block = arith.dot_gamma(block)
     rel = g_block + gamma(n_blocks, U64) * (1.0 + g_block)
     err = rel * s + n_tokens * arith.eta * math.sqrt(d_in * d_out)
@@ -209,59 +240,52 @@ def _torch_certified(
     activations: torch.Tensor,
     grad_outputs: torch.Tensor,
     method: str,
-    mags: tuple[torch.Tensor, ...],
+    s: torch.Tensor | None = None,
     work: torch.dtype = torch.float32,
-    block: int | None = None,
-) -> torch.Tensor:
-    """(B,) float64 certified bound on ||G_i^T A_i||_F^2 (exact) by the torch path in ``work``
-    precision (float64 if an input is); ``mags``: float64 upper bounds, ghost (nu_a, nu_g) the
-    (B, T) row norms, direct (s,) the (B,) bound on || |G|^T |A| ||_F;
-    ``block``: token block of the direct method (None: ``_direct_block``). Samples whose bound
-    exceeds CERTIFY_RTOL of the value are redone in float64."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(certified, S), (B,) float64: a certified bound on ||G_i^T A_i||_F^2 (exact) by the
+    torch path in ``work`` precision (float64 if an input is), and S >= || |G|^T |A| ||_F
+    (ghost: sum_t ||a_t|| ||g_t|| from the Grams; direct: ``s`` as given, None: ||A|| ||G||).
+    Samples whose bound exceeds CERTIFY_RTOL of the value are redone in float64; in float64,
+    ghost samples that still are (N << S^2) take the smaller of ghost and direct."""
     if torch.float64 in (activations.dtype, grad_outputs.dtype):
         work = torch.float64
-    if work == torch.float64:  # the last level: its own float64 row norms, always finite
-        nu_a = row_norms(activations) * _inflate(activations.shape[2])
-        nu_g = row_norms(grad_outputs) * _inflate(grad_outputs.shape[2])
-        s = (nu_a * nu_g).sum(1) * _inflate(activations.shape[1])
-        mags = (nu_a, nu_g) if method == "ghost" else (s,)
     a, g = activations.to(work), grad_outputs.to(work)
     arith = torch_arithmetic(work, a.device)
     batch, n_tokens, d_in = a.shape
-    if block is None:
-        block = n_tokens if work == torch.float64 else _direct_block(n_tokens, arith.u_acc)
+    if method == "direct":
+        if work == torch.float64:  # few samples: per-token float64 norms, finite and tighter
+            nu = row_norms(a) * row_norms(g) * _inflate(max(d_in, g.shape[2]) + 4)
+            s64 = nu.sum(1) * _inflate(n_tokens)
+            s = s64 if s is None else torch.minimum(s, s64)
+        elif s is None:
+            s = frobenius_bounds(a) * frobenius_bounds(g) * _inflate(2)
+    block = n_tokens if work == torch.float64 else _direct_block(n_tokens, arith.u_acc)
     per_sample = n_tokens * n_tokens if method == "ghost" else 3 * d_in * g.shape[2]
     chunk = max(1, _CHUNK_ELEMENTS // per_sample)
-    if method == "ghost":
-        impl = _ghost_certified
-    else:
-        impl = functools.partial(_direct_certified, block=block)
-    parts = [
-        impl(a[i : i + chunk], g[i : i + chunk], *(m[i : i + chunk] for m in mags), arith)
-        for i in range(0, batch, chunk)
-    ]
-    n_hat = torch.cat([p[0] for p in parts])
-    bound = torch.cat([p[1] for p in parts])
-    if work == torch.float64:
-        certified = _certified(n_hat, bound).nan_to_num(math.inf)
-        flagged = ~(bound <= CERTIFY_RTOL * n_hat)
-        if method == "ghost" and bool(flagged.any()):
+    parts = []
+    for i in range(0, batch, chunk):
+        if method == "ghost":
+            parts.append(_ghost_certified(a[i : i + chunk], g[i : i + chunk], arith))
+        else:
+            part = _direct_certified(
+                a[i : i + chunk], g[i : i + chunk], s[i : i + chunk], arith, block
+            )
+            parts.append((*part, s[i : i + chunk]))
+    n_hat, bound, s = (torch.cat([p[k] for p in parts]) for k in range(3))
+    certified = _certified(n_hat, bound)
+    flagged = ~(bound <= CERTIFY_RTOL * n_hat)
+    if bool(flagged.any()):
+        index = flagged.nonzero().squeeze(1)
+        sub_a, sub_g = activations[index], grad_outputs[index]
+        if work != torch.float64:
+            certified[index] = _torch_certified(sub_a, sub_g, method, s[index], torch.float64)[0]
+        elif method == "ghost":
             # float64 Grams cancel too when N << S^2 (ghost error ~ u S^2, direct ~ u T S):
             # both are upper bounds, keep the smaller
-            index = flagged.nonzero().squeeze(1)
-            direct = _torch_certified(
-                activations[index], grad_outputs[index], "direct", (s[index],), torch.float64
-            )
+            direct = _torch_certified(sub_a, sub_g, "direct", s[index], torch.float64)[0]
             certified[index] = torch.minimum(certified[index], direct)
-        return certified
-
-    def redo(index: torch.Tensor) -> torch.Tensor:
-        return _torch_certified(
-            activations[index], grad_outputs[index], method, tuple(m[index] for m in mags),
-            torch.float64,
-        )  # fmt: skip
-
-    return _refine(n_hat, bound, redo)
+    return certified.nan_to_num(math.inf), s
 
 
 def _certified(n_hat: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
@@ -309,9 +333,7 @@ def _triton_certified(activations, grad_outputs, method, mags, s) -> torch.Tenso
     bound = bound * _inflate(n_tokens * n_tokens + n_tokens + d_in + d_out)
 
     def redo(index: torch.Tensor) -> torch.Tensor:
-        return _torch_certified(
-            activations[index], grad_outputs[index], method, tuple(m[index] for m in mags)
-        )
+        return _torch_certified(activations[index], grad_outputs[index], method, s[index])[0]
 
     return _refine(n_hat, bound, redo)
 
@@ -321,6 +343,8 @@ def frobenius_bounds(tensor: torch.Tensor) -> torch.Tensor:
     (T, k) (contiguous or not, it reads memory in order: unfolded convolution inputs are
     transposed views, where per-row norms cost more than the GEMM): as ``row_norm_bounds``."""
     n = tensor.shape[1] * tensor.shape[2]
+    if tensor.dtype == torch.float64:
+        return torch.linalg.vector_norm(tensor, dim=(1, 2)) * _inflate(n)
     nu = torch.linalg.vector_norm(tensor, dim=(1, 2), dtype=torch.float32).double()
     return nu.mul_(1.0 + 2 * gamma(n + 2, U32)).add_(2.0**-58)
 
@@ -361,13 +385,12 @@ def certified_weight_norm_sq(
         method = choose_method(batch, n_tokens, d_in, d_out)
     if method not in METHODS:
         raise ValueError(f"unknown per-sample norm method {method!r}; use one of {METHODS}")
-    mags, s = _magnitudes(activations, grad_outputs, method)
-    norms = None
     if use_triton(activations, grad_outputs):
+        mags, s = _magnitudes(activations, grad_outputs, method)
         norms = _triton_certified(activations, grad_outputs, method, mags, s)
-    if norms is None:
-        norms = _torch_certified(activations, grad_outputs, method, mags)
-    return norms, s
+        if norms is not None:
+            return norms, s
+    return _torch_certified(activations, grad_outputs, method)
 
 
 def clipped_weight_bound_sq(
@@ -388,8 +411,9 @@ def clipped_weight_bound_sq(
 def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
     """(B,) float64 bound on ||sum_t fl(c g_t)||^2 / c^2 for G (B, T, p): the bias gradient as
     both clipped GEMMs add it (c * g rounded once in float32, rho = u32). b = sum_t g_t is
-    summed in float64 (error <= gamma64_T sum_t ||g_t||), so
-    ||b_added|| / c <= ||b64|| (1 + gamma64) + (gamma64_T + u32) M,
+    summed over blocks of 64 tokens in float32, then over blocks in float64 (error <=
+    (gamma32_64 + gamma64_T) sum_t ||g_t||), so
+    ||b_added|| / c <= ||b_hat|| (1 + gamma64) + (gamma32_64 + 2 gamma64_T + u32) M,
     M = sqrt(T) ||G||_F >= sum_t ||g_t|| (Cauchy-Schwarz; one read of G in memory order)."""
     n_tokens, d_out = grad_outputs.shape[1], grad_outputs.shape[2]
     n_all = n_tokens + d_out
@@ -397,9 +421,31 @@ def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
         root = row_norms(grad_outputs).squeeze(1) * _inflate(n_all)
         return (root * (1.0 + U32)).square() * _inflate(4)
     mags = frobenius_bounds(grad_outputs) * math.sqrt(n_tokens)
-    summed = grad_outputs.sum(1, dtype=torch.float64)
-    root = torch.linalg.vector_norm(summed, dim=1) * _inflate(n_all)
-    return (root + (gamma(n_tokens, U64) + U32) * mags).square() * _inflate(4)
+    block = _BIAS_BLOCK if n_tokens > _BIAS_BLOCK else n_tokens
+    summed = _block_sums(grad_outputs, block)  # float32 sums of <= block tokens
+    root = torch.linalg.vector_norm(summed.sum(1, dtype=torch.float64), dim=1) * _inflate(n_all)
+    u_w = U64 if grad_outputs.dtype == torch.float64 else U32
+    slack = gamma(block, u_w) + gamma(n_tokens, U64) * 2 + U32
+    return (root + slack * mags).square() * _inflate(4)
+
+
+_BIAS_BLOCK = 64
+
+
+def _block_sums(tensor: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, n_blocks, p): sums over consecutive blocks of ``block`` tokens of (B, T, p), in the
+    tensor's precision (float32 at least). Summing a whole long T in float64 instead costs a
+    float64 copy of G (3 ns per element on CPU); a block sum is off by gamma_block sum |g|."""
+    batch, n_tokens, d_out = tensor.shape
+    if tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.float()
+    n_blocks = -(-n_tokens // block)
+    if n_blocks == 1:
+        return tensor.sum(1, keepdim=True)
+    pad = n_blocks * block - n_tokens  # zero rows add nothing, exactly
+    if pad:
+        tensor = torch.nn.functional.pad(tensor, (0, 0, 0, pad))
+    return tensor.reshape(batch, n_blocks, block, d_out).sum(2)
 
 
 def round_up_f32(values: torch.Tensor) -> torch.Tensor:
