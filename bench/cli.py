@@ -1,6 +1,9 @@
 """``fastdp bench``: throughput and memory of private training against torch and Opacus.
 
     fastdp bench [models] [--quick]     every model x provider at one size (+ kernels if built)
+    fastdp bench models --models zoo --tag zoo --no-kernels
+                                        GPT-2, Llama, ResNet-18-GN, ViT (bench/zoo.py), with the
+                                        torch.func fallback's share of the fastdp-flat step
     fastdp bench scaling [--quick]      batch size to the largest that fits; GPT sequence length
     fastdp bench logical [--quick]      DP step as the logical batch grows, physical batch fixed
     fastdp bench kernels [--quick]      the kernel micro-benchmarks (bench/bench_<kernel>.py)
@@ -25,11 +28,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastdp.bench.harness import RunConfig, device_slug, environment, measure_point
+from fastdp.bench.harness import (
+    RunConfig,
+    device_slug,
+    environment,
+    measure_fallback,
+    measure_point,
+)
 from fastdp.bench.plot import plot_csv
+from fastdp.bench.report import fallback_section
 from fastdp.bench.scaling import batch_scaling, doublings, logical_scaling, seq_scaling
 from fastdp.bench.table import format_table, write_csv
-from fastdp.bench.workloads import PRESETS, PROVIDERS, parse_overrides, resolve_specs
+from fastdp.bench.workloads import (
+    MODEL_NAMES,
+    PRESETS,
+    PROVIDERS,
+    parse_overrides,
+    resolve_specs,
+)
+from fastdp.bench.zoo import ZOO, available
 
 MODES = ("models", "scaling", "logical", "kernels", "all", "plot", "report", "compile")
 KERNEL_BENCHES = (
@@ -51,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (<3 min)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="model sizes (default by device)")
-    parser.add_argument("--models", default="mlp,cnn,gpt", help="comma list: mlp,cnn,gpt,conv1d")
+    parser.add_argument(
+        "--models", default="mlp,cnn,gpt",
+        help=f"comma list of {','.join(MODEL_NAMES)}; 'zoo' = {','.join(ZOO)} (transformers "
+        "models are skipped when transformers is absent)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tag", help="name part of the CSV, e.g. --tag zoo writes models-zoo-cpu1t.csv"
+    )
     parser.add_argument("--providers", help=f"comma list of {','.join(PROVIDERS)}")
     parser.add_argument(
         "--set", action="append", default=[], metavar="MODEL.ARG=V",
@@ -65,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--physical", type=int, default=256, help="physical batch (logical)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-kernels", action="store_true", help="models: skip the kernels")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -93,7 +118,13 @@ def main(argv: list[str]) -> int:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     preset = args.preset or ("quick" if args.quick else "gpu" if gpu else "cpu")
-    specs = resolve_specs(preset, args.models.split(","), parse_overrides(args.set))
+    specs = []
+    for spec in resolve_specs(preset, _model_names(args.models), parse_overrides(args.set)):
+        reason = available(spec.name)
+        if reason:
+            print(f"fastdp bench: skipping {spec.name} ({reason})")
+            continue
+        specs.append(spec)
     cfg = RunConfig(
         device=device,
         warmup=args.warmup or (10 if gpu else 2),
@@ -102,19 +133,30 @@ def main(argv: list[str]) -> int:
         command=" ".join(["fastdp", "bench", *argv]),
     )
     modes = ["models", "kernels", "scaling", "logical"] if args.mode == "all" else [args.mode]
-    if args.mode == "models" and _kernel_modules():
+    if args.mode == "models" and not args.no_kernels and _kernel_modules():
         modes.append("kernels")
-    suffix = device_slug(device) + ("-quick" if args.quick else "")
+    suffix = (f"{args.tag}-" if args.tag else "") + device_slug(device)
+    suffix += "-quick" if args.quick else ""
     for mode in modes:
         rows = RUNNERS[mode](args, specs, cfg)
         if not rows:
             continue
         path = write_csv(rows, args.out / f"{mode}-{suffix}.csv")
         print(format_table(rows) if mode != "kernels" else _kernel_summary(rows))
+        if mode == "models":
+            print("\n".join(fallback_section(rows)))
         print(f"wrote {path}")
         if not args.no_plot:
             print(f"wrote {plot_csv(path)}")
     return 0
+
+
+def _model_names(text: str) -> list[str]:
+    """``--models`` as a list, 'zoo' expanded, duplicates dropped."""
+    names: list[str] = []
+    for name in text.split(","):
+        names += list(ZOO) if name == "zoo" else [name]
+    return list(dict.fromkeys(n for n in names if n))
 
 
 def _providers(args, default: list[str]) -> list[str]:
@@ -136,14 +178,19 @@ def _progress(total: int, args, desc: str):
 
 
 def run_models(args, specs, cfg: RunConfig) -> list[dict]:
-    """Every model x provider at the spec's size, interleaved."""
+    """Every model x provider at the spec's size, interleaved; then, with fastdp-flat among
+    the providers, the share of its step spent in the torch.func fallback."""
     providers = _providers(args, list(PROVIDERS))
     env = environment(cfg.device, cfg.command)
-    bar, tick = _progress(len(specs) * len(providers) * (1 + cfg.repeats), args, "models")
+    fallback = "fastdp-flat" in providers
+    units = len(specs) * (len(providers) * (1 + cfg.repeats) + fallback)
+    bar, tick = _progress(units, args, "models")
     rows = []
     with bar:
         for spec in specs:
             rows += measure_point(spec, providers, spec.batch_size, spec.seq_len, cfg, env, tick)
+            if fallback:
+                rows += measure_fallback(spec, cfg, env, tick=tick)
     return rows
 
 

@@ -5,10 +5,10 @@ floor = (non-private FLOPs + sum over layers of min(ghost, direct) norm FLOPs) /
 Non-private FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one
 forward and backward of the plain model at the benchmarked shapes (attention included). The
 norm FLOPs come from the cost model of ``fastdp.kernels.per_sample_norm`` (``ghost_flops``,
-``direct_flops``) applied to every Linear and Conv call, with a convolution seen through its
-unfold view (T = output positions, d = C_in/groups * kernel, p = C_out/groups). The clipped
-weight GEMM replaces the ordinary one, so it adds nothing; bias, embedding and norm-layer
-norms are O(B T d) and left out. Noisy-SGD's floor is 1.
+``direct_flops``) applied to every Linear, transformers Conv1D (GPT-2's x @ W) and Conv call,
+with a convolution seen through its unfold view (T = output positions, d = C_in/groups *
+kernel, p = C_out/groups). The clipped weight GEMM replaces the ordinary one, so it adds
+nothing; bias, embedding and norm-layer norms are O(B T d) and left out. Noisy-SGD's floor is 1.
 """
 
 from __future__ import annotations
@@ -45,15 +45,23 @@ class Floor:
 
 def layer_shapes(module: nn.Module, output: torch.Tensor, input: torch.Tensor):
     """(batch, n_tokens, d_in, d_out) of one Linear/Conv call as the norm rules see it."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         batch = input.shape[0]
         n_tokens = math.prod(input.shape[1:-1]) if input.dim() > 2 else 1
-        return batch, n_tokens, module.in_features, module.out_features
+        d_in, d_out = (
+            module.weight.shape[::-1] if isinstance(module, nn.Linear) else module.weight.shape
+        )
+        return batch, n_tokens, d_in, d_out
     groups = module.groups
     batch = input.shape[0] * groups
     n_tokens = math.prod(output.shape[2:])
     d_in = module.in_channels // groups * math.prod(module.kernel_size)
     return batch, n_tokens, d_in, module.out_channels // groups
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D (weight (d_in, d_out)), without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def flop_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> Floor:
@@ -67,7 +75,7 @@ def flop_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> F
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or _is_hf_conv1d(m)
     ]
     try:
         with FlopCounterMode(display=False) as counter:

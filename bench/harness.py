@@ -36,6 +36,7 @@ import torch
 
 from fastdp.bench.flops import flop_floor
 from fastdp.bench.workloads import BASELINE, ModelSpec, Step, build_step, model_loss
+from fastdp.bench.zoo import fallback_cost, fallback_modules
 
 MIB = 2**20
 
@@ -306,6 +307,52 @@ def measure_point(
             mem_ratio = (mem / base_mem,) * 3
             rows.append(make_row(common, provider, "ratio_mem", "x", mem_ratio, 1, note))
     return rows
+
+
+def measure_fallback(
+    spec: ModelSpec,
+    cfg: RunConfig,
+    env: dict,
+    provider: str = "fastdp-flat",
+    steps: int = 3,
+    tick: Callable[[str], None] = lambda _: None,
+) -> list[dict]:
+    """The cost of fastdp's torch.func fallback in ``provider``'s step at the spec's size.
+
+    The fallback rule's ``norm_sq`` (per-sample gradients by vmap over the replayed forward,
+    and their norms) and ``accumulate`` are timed inside ``steps`` DP steps after warm-up.
+    Rows: ``fallback_time`` (s per step), ``fallback_share`` (of the step time); the note
+    names the modules on the fallback. No module on the fallback: zeros, no timing. Its
+    replayed forward also runs once in the ordinary forward, which is not counted here.
+    """
+    device = cfg.device
+    x, y = spec.batch(spec.batch_size, spec.seq_len, device)
+    common = dict(
+        env, model=spec.name, mode=cfg.mode, batch_size=spec.batch_size, seq_len=spec.seq_len
+    )
+    names = fallback_modules(spec.build())
+    note = ("on the fallback: " + ", ".join(names)) if names else "no module on the fallback"
+    if not names:
+        zero = (0.0,) * 3
+        return [
+            make_row(common, provider, "fallback_time", "s", zero, 0, note),
+            make_row(common, provider, "fallback_share", "x", zero, 0, note),
+        ]
+    try:
+        step = build_step(spec, provider, x, y, device)
+        for _ in range(max(cfg.warmup, 1)):
+            step()
+        per_step, total = fallback_cost(step, steps, device)
+    except Exception as err:
+        nan3 = (float("nan"),) * 3
+        return [make_row(common, provider, "fallback_error", "", nan3, 0, _short(err))]
+    finally:
+        gc.collect()
+    tick(f"{spec.name}/fallback")
+    return [
+        make_row(common, provider, "fallback_time", "s", (per_step,) * 3, steps, note),
+        make_row(common, provider, "fallback_share", "x", (per_step / total,) * 3, steps, note),
+    ]
 
 
 def make_row(

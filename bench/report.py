@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from fastdp.bench.table import lookup, points, read_csv
+from fastdp.bench.table import lookup, normalise, points, read_csv
 
 CPU_TARGETS = {"mlp": 1.3, "cnn": 1.6, "gpt": 1.6, "conv1d": 1.6}
 NOISY_TARGET = 1.1
@@ -72,6 +72,37 @@ def _models_section(rows: list[dict]) -> list[str]:
                 f"| {_f((get('ratio_mem') or {}).get('median'))} |"
             )
     return out
+
+
+def fallback_section(rows: list[dict]) -> list[str]:
+    """The torch.func fallback's time inside the fastdp-flat step per model (empty when the
+    CSV has no fallback rows)."""
+    rows = [normalise(r) for r in rows]
+    by_key = lookup(rows)
+    out = []
+    for point in points(rows):
+        time_row = by_key.get((*point, "fastdp-flat", "fallback_time"))
+        share_row = by_key.get((*point, "fastdp-flat", "fallback_share"))
+        error = by_key.get((*point, "fastdp-flat", "fallback_error"))
+        if error:
+            out.append(f"| {point[0]} | failed: {error['note'][:120]} | | |")
+        elif time_row and share_row:
+            note = time_row["note"].removeprefix("on the fallback: ").replace("|", "/")
+            out.append(
+                f"| {point[0]} | {note} | {_f(time_row['median'] * 1e3, '.1f')} "
+                f"| {_f(share_row['median'] * 100, '.1f')}% |"
+            )
+    if not out:
+        return []
+    head = [
+        "Fallback cost: time of the torch.func fallback's `norm_sq` + `accumulate` per "
+        "fastdp-flat step, and its share of that step (fastdp warns at make_private which "
+        "modules go there):",
+        "",
+        "| model | modules on the fallback | ms per step | share of step |",
+        "|---|---|---|---|",
+    ]
+    return head + out
 
 
 def _check(ok: bool | None) -> str:
@@ -203,6 +234,8 @@ def render(results: Path) -> str:
             lines += _models_section(rows) + ["", "Targets:", ""]
             lines += ["| target | measured | status |", "|---|---|---|"]
             lines += [f"| {t} | {m} | {s} |" for t, m, s in targets(rows)]
+            fallback = fallback_section(rows)
+            lines += ["", *fallback] if fallback else []
         elif modes & {"scaling-batch", "scaling-seq"}:
             lines += _sweep_section(rows, ("step_time", "ratio_time", "peak_mem"))
         elif modes == {"logical"}:
@@ -240,6 +273,8 @@ def summary(results: Path) -> str:
         ]
         lines += [f"| {t} | {m} | {st} |" for t, m, st in targets(rows)]
         lines.append("")
+        fallback = fallback_section(rows)
+        lines += [*fallback, ""] if fallback else []
     lines += ["All runs, tables and plots: [bench/results/README.md](bench/results/README.md).", ""]
     lines.append(README_END)
     return "\n".join(lines)

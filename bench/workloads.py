@@ -1,12 +1,14 @@
 """What the benchmarks run: model specs (sizes by preset or flag) and providers.
 
-A *spec* names a model factory from ``fastdp.models`` with its constructor arguments and
-knows how to make a batch for it. A *provider* turns a spec into one training step at a
+A *spec* names a model factory from ``fastdp.models`` or ``fastdp.bench.zoo`` (GPT-2, Llama,
+ViT from transformers, ResNet-18-GN) with its constructor arguments and knows how to make a
+batch for it. A *provider* turns a spec into one training step at a
 fixed (batch size, sequence length): ``torch`` (non-private), ``fastdp-<clipping>`` and
 ``opacus-hooks`` / ``opacus-ghost``. Every provider builds a fresh model (fastdp modifies
 the module in place) from the same seed, and its step is forward, loss, backward,
 ``optimizer.step()``, ``optimizer.zero_grad()``: with no private loader driving it, every
-fastdp ``step()`` is a full logical step (clipping, noise, update).
+fastdp ``step()`` is a full logical step (clipping, noise, update), announced to the
+optimizer as the private loader would announce it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastdp import models
+from fastdp.bench import zoo
 
 PROVIDERS = (
     "torch",
@@ -60,7 +63,12 @@ class ModelSpec:
             return models.WideResNet(**self.kwargs)
         if self.name == "gpt":
             return models.GPT(**self.kwargs)
-        raise ValueError(f"unknown model {self.name!r}; use one of mlp, conv1d, cnn, gpt")
+        if self.name in zoo.BUILDERS:
+            reason = zoo.available(self.name)
+            if reason:
+                raise ModuleNotFoundError(f"{self.name}: {reason}")
+            return zoo.BUILDERS[self.name](**self.kwargs)
+        raise ValueError(f"unknown model {self.name!r}; use one of {', '.join(MODEL_NAMES)}")
 
     def batch(
         self, batch_size: int, seq_len: int, device: torch.device
@@ -72,10 +80,11 @@ class ModelSpec:
             x = torch.randn(batch_size, self.kwargs.get("in_features", 40), generator=gen)
         elif self.name == "conv1d":
             x = torch.randn(batch_size, self.kwargs.get("length", 40), generator=gen)
-        elif self.name == "cnn":
+        elif self.name in zoo.IMAGE_MODELS:
             channels = self.kwargs.get("in_channels", 3)
-            x = torch.randn(batch_size, channels, self.image, self.image, generator=gen)
-        elif self.name == "gpt":
+            side = self.kwargs.get("image", self.image)  # ViT's image size is a config field
+            x = torch.randn(batch_size, channels, side, side, generator=gen)
+        elif self.name in zoo.TOKEN_MODELS:
             vocab = self.kwargs.get("vocab", 256)
             tokens = torch.randint(vocab, (batch_size, seq_len + 1), generator=gen)
             return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
@@ -117,6 +126,40 @@ PRESETS: dict[str, dict[str, ModelSpec]] = {
 }
 PRESETS["quick"]["conv1d"] = ModelSpec("conv1d", dict(length=40, channels=32), batch_size=256)
 PRESETS["cpu"]["conv1d"] = PRESETS["gpu"]["conv1d"] = PRESETS["quick"]["conv1d"]
+
+# Models people train (bench/zoo.py), from small random-init configs: "cpu" sizes take about
+# a second per non-private step on one CPU thread (ResNet-18-GN at its real widths, ViT-Tiny's
+# dims on 32x32 images in 4x4 patches, GPT-2 and Llama at 4 layers of width 256), "quick" a
+# few milliseconds.
+_LM = dict(vocab=1024, dim=128, depth=2, heads=4, max_len=256)
+PRESETS["quick"].update(
+    gpt2=ModelSpec("gpt2", dict(_LM, dim=64), batch_size=8, seq_len=64),
+    llama=ModelSpec("llama", dict(_LM, dim=64, hidden=172), batch_size=8, seq_len=64),
+    resnet18gn=ModelSpec("resnet18gn", dict(width=8), batch_size=8, image=32),
+    vit=ModelSpec("vit", dict(image=32, patch=4, dim=64, depth=2, heads=4), batch_size=8),
+)
+PRESETS["cpu"].update(
+    gpt2=ModelSpec("gpt2", dict(_LM, vocab=2048, dim=256, depth=4), batch_size=16, seq_len=128),
+    llama=ModelSpec(
+        "llama", dict(_LM, vocab=2048, dim=256, depth=4, hidden=688), batch_size=16, seq_len=128
+    ),
+    resnet18gn=ModelSpec("resnet18gn", dict(width=64), batch_size=16, image=32),  # the real widths
+    vit=ModelSpec("vit", dict(image=32, patch=4, dim=192, depth=12, heads=3), batch_size=16),
+)
+PRESETS["gpu"].update(
+    gpt2=ModelSpec(
+        "gpt2", dict(vocab=50257, dim=768, depth=12, heads=12, max_len=1024), 16, seq_len=512
+    ),
+    llama=ModelSpec(
+        "llama",
+        dict(vocab=32000, dim=768, depth=12, heads=12, kv_heads=4, hidden=2048, max_len=1024),
+        16,
+        seq_len=512,
+    ),
+    resnet18gn=ModelSpec("resnet18gn", dict(width=64), batch_size=128, image=32),
+    vit=ModelSpec("vit", dict(image=224, patch=16, dim=768, depth=12, heads=12), batch_size=64),
+)
+MODEL_NAMES = tuple(PRESETS["cpu"])
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
@@ -176,22 +219,33 @@ def build_step(
     elif provider.startswith("fastdp-"):
         import fastdp
 
-        model, optimizer, _ = fastdp.PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=_loader(x, y),
-            noise_multiplier=NOISE_MULTIPLIER,
-            max_grad_norm=MAX_GRAD_NORM,
-            clipping=provider.removeprefix("fastdp-"),
-            poisson_sampling=False,
-            seed=0,
-        )
+        with warnings.catch_warnings():  # seed, fixed batches, fallback: the rows say so
+            warnings.simplefilter("ignore")
+            model, optimizer, _ = fastdp.PrivacyEngine().make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=_loader(x, y),
+                noise_multiplier=NOISE_MULTIPLIER,
+                max_grad_norm=MAX_GRAD_NORM,
+                clipping=provider.removeprefix("fastdp-"),
+                poisson_sampling=False,
+                seed=0,
+            )
     elif provider in ("opacus-hooks", "opacus-ghost"):
         model, optimizer, loss_fn = _opacus(spec, provider, model, optimizer, x, y)
     else:
         raise ValueError(f"unknown provider {provider!r}; use one of {', '.join(PROVIDERS)}")
 
+    # What the private loader signals before the batch it yields (here a whole logical batch),
+    # without its data movement, which the other providers do not pay either: layers then
+    # know the batch size, e.g. to expand position ids (1, T) that GPT-2 broadcasts.
+    fastdp_step = provider.startswith("fastdp-")
+    signal = getattr(optimizer, "signal_micro_batch", None) if fastdp_step else None
+    batch = x.shape[0]
+
     def step() -> None:
+        if signal is not None:
+            signal(is_last=True, size=batch)
         loss = loss_fn(spec, model(x), y)
         loss.backward()
         optimizer.step()
