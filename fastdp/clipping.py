@@ -54,6 +54,16 @@ class ClippingStrategy:
     def finish(self, tape) -> int:
         return 0
 
+    def tie(self, pairs: list) -> None:
+        """Weight ties (fastdp/rules/tying.py) whose uses must be clipped together."""
+        if pairs:
+            raise ValueError(
+                f"clipping={self.mode!r} cannot clip a tied weight's two uses jointly (the "
+                "embedding and head of "
+                + ", ".join(f"'{type(p.head).__name__}'" for p in pairs)
+                + "): use clipping='flat' or 'automatic', or untie the weights."
+            )
+
     def reset(self) -> None:
         """Forget whatever the current backward pass left behind (after an error)."""
 
@@ -66,14 +76,20 @@ class FlatClipping(ClippingStrategy):
     def __init__(self, max_grad_norm: float) -> None:
         self.max_grad_norm = max_grad_norm
         self.sensitivity = max_grad_norm
+        self.tied: list = []
         self.records: list[Record] = []
         self.norm_sq: torch.Tensor | None = None
+
+    def tie(self, pairs: list) -> None:
+        self.tied = list(pairs)
 
     def factors(self, norms: torch.Tensor) -> torch.Tensor:
         return (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
 
     def on_layer(self, record: Record, tape) -> None:
         layer_norm_sq = rule_for(record.module).norm_sq(record).double()
+        if self.tied:
+            record.extra["norm_sq"] = layer_norm_sq
         self.norm_sq = layer_norm_sq if self.norm_sq is None else self.norm_sq + layer_norm_sq
         self.records.append(record)
 
@@ -83,6 +99,7 @@ class FlatClipping(ClippingStrategy):
         if not records:
             return 0
         grad_scale = records[0].grad_scale  # one micro-batch: one batch size
+        norm_sq = self._with_ties(records, norm_sq)
         norms = _norms(norm_sq, grad_scale)
         bad = ~torch.isfinite(norms)
         dropped = int(bad.sum())
@@ -93,6 +110,20 @@ class FlatClipping(ClippingStrategy):
                 record.zero_samples(bad)
             rule_for(record.module).accumulate(record, scale, tape.grads)
         return dropped
+
+    def _with_ties(self, records: list[Record], norm_sq: torch.Tensor) -> torch.Tensor:
+        """Replace the two separate norms of each tied pair by their joint certified norm."""
+        from fastdp.rules.tying import tied_norm_sq
+
+        by_module = {id(r.module): r for r in records}
+        for pair in self.tied:
+            emb, head = by_module.get(id(pair.embedding)), by_module.get(id(pair.head))
+            if emb is None or head is None:
+                continue  # one use did not run in this micro-batch: no cross term
+            emb_sq, head_sq = emb.extra["norm_sq"], head.extra["norm_sq"]
+            joint = tied_norm_sq(pair, emb, head, emb_sq, head_sq)
+            norm_sq = norm_sq - emb_sq - head_sq + joint
+        return norm_sq
 
     def reset(self) -> None:
         self.records, self.norm_sq = [], None
@@ -167,6 +198,9 @@ class NoClipping(_InBackward):
     mode = "none"
     needs_norms = False
     private = False
+
+    def tie(self, pairs: list) -> None:
+        """No clipping: both uses of a tied weight simply add into its sum."""
 
     def __init__(self, noise_scale: float = 1.0) -> None:
         super().__init__()

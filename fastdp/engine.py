@@ -21,6 +21,7 @@ from fastdp.kernels.noise import derive_secret
 from fastdp.optimizer import DPOptimizer
 from fastdp.rules import is_fallback, rule_for
 from fastdp.rules.attention import replace_modules
+from fastdp.rules.tying import TiedPair, check_tying
 from fastdp.rules.generic import refusal, warn_fallback
 from fastdp.state import PrivateRun
 from fastdp.tape import Tape, handled_layers
@@ -73,9 +74,10 @@ class PrivacyEngine:
         replace_modules(module)  # exact swaps (nn.MultiheadAttention), same parameters
         check_data_independent(module)
         layers = handled_layers(module)
-        check_model(module)
+        tied = check_model(module)
         params = _optimizer_params(module, optimizer)
         strategy = make_strategy(clipping, max_grad_norm, [name for name, _ in layers])
+        strategy.tie(tied)
 
         rank, world_size = _distributed()
         if seed is not None and strategy.private:
@@ -214,9 +216,10 @@ def _check_not_ddp(module: nn.Module) -> None:
         )
 
 
-def check_model(model: nn.Module) -> None:
-    """Refuse what fastdp cannot make private, naming the module and the fix."""
-    owner: dict[int, str] = {}
+def check_model(model: nn.Module) -> list[TiedPair]:
+    """Refuse what fastdp cannot make private, naming the module and the fix; return the
+    supported weight ties (an Embedding and a Linear head sharing their weight)."""
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     seen_modules: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         display = name or type(module).__name__
@@ -229,13 +232,7 @@ def check_model(model: nn.Module) -> None:
         seen_modules.setdefault(id(module), display)
         own = {k: p for k, p in module._parameters.items() if p is not None and p.requires_grad}
         for pname, param in own.items():
-            if id(param) in owner and owner[id(param)] != display:
-                raise ValueError(
-                    f"parameter '{display}.{pname}' is shared with '{owner[id(param)]}' "
-                    "(weight tying). Per-sample gradients of a shared parameter span two "
-                    "layers and fastdp does not combine them: untie the weights or freeze them."
-                )
-            owner[id(param)] = display
+            owners.setdefault(id(param), []).append((display, module, pname))
         if not own:
             continue
         rule = rule_for(module)
@@ -263,6 +260,7 @@ def check_model(model: nn.Module) -> None:
                 f"module '{display}' ({kind}) has trainable parameters {sorted(extra)} that "
                 f"the {kind} rule does not cover: freeze them or move them into a supported layer."
             )
+    return check_tying(owners)
 
 
 def _check_embedding(display: str, module: nn.Embedding) -> None:

@@ -358,17 +358,6 @@ def _make_private(model: nn.Module, inputs: torch.Tensor):
     )
 
 
-def test_tied_gpt2_is_refused_with_the_fix():
-    transformers = _import_or_skip("transformers")
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=8, n_embd=HIDDEN, n_layer=1, n_head=2, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    model = Output(transformers.GPT2LMHeadModel(config))  # tie_word_embeddings=True default
-    with pytest.raises(ValueError, match="weight tying"):
-        _make_private(model, _ids())
-
-
 def test_t5_shared_embedding_is_refused():
     transformers = _import_or_skip("transformers")
     config = transformers.T5Config(
