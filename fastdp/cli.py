@@ -34,14 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"fastdp: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name = SUBCOMMANDS[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        print(f"fastdp {name}: not yet available in this version.")
-        return 0
+    module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)
 
 
