@@ -15,7 +15,7 @@ With torch.distributed every rank draws the same global sample set and keeps its
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import (
@@ -101,6 +101,20 @@ def _take_none(batch):
     raise TypeError(f"cannot build an empty batch from a collated {type(batch).__name__}")
 
 
+def _repeat_rows(batch, n_samples: int, views: int):
+    """Tensors with ``n_samples`` leading rows repeated ``views`` times each (repeat_interleave);
+    anything else (broadcast tensors, strings, numbers) as it is."""
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() and batch.shape[0] == n_samples:
+            return batch.repeat_interleave(views, dim=0)
+        return batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_repeat_rows(b, n_samples, views) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _repeat_rows(v, n_samples, views) for k, v in batch.items()}
+    return batch
+
+
 class DPDataLoader:
     """Yields physical micro-batches of logical batches and tells the optimizer which
     micro-batch closes each logical batch (``optimizer.signal_micro_batch``)."""
@@ -112,6 +126,7 @@ class DPDataLoader:
         poisson_sampling: bool,
         max_physical_batch_size: int | None,
         rank: int = 0,
+        augment: Callable | None = None,
     ) -> None:
         dataset = data_loader.dataset
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
@@ -149,6 +164,7 @@ class DPDataLoader:
         self.drop_last = bool(data_loader.drop_last)
         self.max_physical_batch_size = max_physical_batch_size
         self.rank = rank
+        self.augment = augment
         self.collate = _EmptyAwareCollate(dataset, data_loader.collate_fn)
         self._epoch_cache: tuple[int, list[torch.Tensor]] | None = None
         self._plan_cache: tuple[tuple[int, int], list] | None = None
@@ -165,6 +181,21 @@ class DPDataLoader:
     @property
     def world_size(self) -> int:
         return self.optimizer.run.world_size
+
+    @property
+    def views(self) -> int:
+        """Augmentation multiplicity K: each sample is yielded as K consecutive rows."""
+        return self.optimizer.run.views
+
+    def with_views(self, batch, n_samples: int):
+        """Every tensor of ``batch`` with ``n_samples`` rows repeated K times, grouped by sample
+        (row i*K + k is view k of sample i), then ``augment`` applied to the whole batch."""
+        views = self.views
+        if views > 1:
+            batch = _repeat_rows(batch, n_samples, views)
+        if self.augment is not None and n_samples:
+            batch = self.augment(batch)
+        return batch
 
     @property
     def expected_batch_size(self) -> float:
@@ -254,9 +285,10 @@ class DPDataLoader:
                             f"{self.optimizer.logical_step}: call optimizer.step() exactly once "
                             "after every micro-batch the private loader yields."
                         )
-                    batch = next(batches)
+                    n_samples = len(chunks[j])
+                    batch = self.with_views(next(batches), n_samples)
                     is_last = j == len(chunks) - 1
-                    self.optimizer.signal_micro_batch(is_last=is_last, size=len(chunks[j]))
+                    self.optimizer.signal_micro_batch(is_last=is_last, size=n_samples * self.views)
                     yield batch
         finally:
             # the loop left (break, a peek with next(iter(loader)), an exception): a signal

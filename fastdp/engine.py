@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,8 @@ from fastdp.kernels.noise import derive_secret
 from fastdp.optimizer import DPOptimizer
 from fastdp.rules import is_fallback, rule_for
 from fastdp.rules.attention import replace_modules
-from fastdp.rules.tying import TiedPair, check_tying
 from fastdp.rules.generic import refusal, warn_fallback
+from fastdp.rules.tying import TiedPair, check_tying
 from fastdp.state import PrivateRun
 from fastdp.tape import Tape, handled_layers
 
@@ -51,12 +51,19 @@ class PrivacyEngine:
         max_physical_batch_size: int | None = None,
         seed: int | None = None,
         loss_reduction: str = "mean",
+        augmentation_multiplicity: int = 1,
+        augment: Callable | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DPDataLoader]:
         """Return (module, private optimizer, private loader); the module is modified in
         place and keeps its own parameter tensors.
 
         ``noise_multiplier`` sigma: the noise on the clipped sum has std sigma * C, C the
         (total) clip norm; with clipping="none" (Noisy-SGD) C defaults to 1 so the std is sigma.
+
+        ``augmentation_multiplicity`` K (De et al. 2022): the loader yields each sample as K
+        consecutive rows (view k of sample i at row i*K + k), passed through ``augment(batch)``
+        (e.g. ``fastdp.datasets.MNIST1DAugment``); a sample's gradient is the mean of its K
+        views' gradients, clipped once, so sensitivity, noise and accounting are unchanged.
         """
         if self.module is not None:
             raise RuntimeError("this PrivacyEngine already made a model private; use a new one")
@@ -71,6 +78,12 @@ class PrivacyEngine:
             )
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not (isinstance(augmentation_multiplicity, int) and augmentation_multiplicity >= 1):
+            raise ValueError(
+                f"augmentation_multiplicity must be an int >= 1, got {augmentation_multiplicity!r}"
+            )
+        if augment is not None and not callable(augment):
+            raise ValueError(f"augment must be a callable batch -> batch, got {augment!r}")
         replace_modules(module)  # exact swaps (nn.MultiheadAttention), same parameters
         check_data_independent(module)
         layers = handled_layers(module)
@@ -94,6 +107,7 @@ class PrivacyEngine:
             poisson_sampling=poisson_sampling,
             max_physical_batch_size=max_physical_batch_size,
             rank=rank,
+            augment=augment,
         )
         run = PrivateRun(
             strategy=strategy,
@@ -106,8 +120,10 @@ class PrivacyEngine:
             world_size=world_size,
             accountant=self.accountant_name,
             secret=_shared_secret(seed, world_size),
+            views=augmentation_multiplicity,
         )
         tape = Tape(strategy, loss_reduction, grads={})
+        tape.views = augmentation_multiplicity
         dp_optimizer = DPOptimizer(optimizer, tape=tape, params=params, run=run)
         loader.drive(dp_optimizer)
         tape.attach(module)

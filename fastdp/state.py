@@ -27,6 +27,7 @@ class PrivateRun:
     world_size: int
     accountant: str
     secret: int  # the 128-bit key of every noise and sampling draw (see kernels/noise.py)
+    views: int = 1  # augmentation multiplicity K: a sample's gradient is the mean of K views
     logical_step: int = 0
     micro_step: int = 0  # micro-batches of the unfinished logical batch
 

@@ -91,6 +91,7 @@ class Tape:
         self.dropped = 0  # samples dropped for non-finite gradients since the last step
         self.invalid_reason: str | None = None
         self.expected_batch: int | None = None  # set by the private loader per micro-batch
+        self.views = 1  # augmentation multiplicity K: rows i*K .. i*K+K-1 are sample i
         self.probe = BatchAxisProbe(self)
         self.guard: BufferGuard | None = None
         self._root: nn.Module | None = None
@@ -193,7 +194,14 @@ class Tape:
         self._recorded.add(module_id)
         record.grad_output = grad_output
         batch = grad_output.shape[0]
-        record.grad_scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        if batch % self.views:
+            self._fail(
+                f"module '{record.name}' saw {batch} rows, not a multiple of the augmentation "
+                f"multiplicity {self.views}: the private loader yields B samples x K views"
+            )
+        # a sample's gradient is the mean over its K views: rows sum to (1/K) per sample
+        record.group = self.views
+        record.grad_scale = batch / self.views if self.loss_reduction == "mean" else 1 / self.views
         if self._micro_batch is None:
             self._micro_batch = (record.name, batch)
         elif self._micro_batch[1] != batch:

@@ -30,8 +30,8 @@ Ghost (exact N = sum_ts K^A_ts K^G_ts with Grams K^A = A A^T, K^G = G G^T):
   ~(d + p) u ~ 1e-5; near cancellation (N << S^2) the slack is large and the sample is flagged.
 Direct (Ghat = fl(G^T A)): ||Ghat - G^T A||_F <= || g_T |G|^T |A| ||_F <= g_T S, so
   ||G^T A||_F <= ||Ghat||_F + g_T S (+ T eta sqrt(d p)). g_T S is ~T^1.5 u of the norm for
-  honest tokens, so the torch path forms Ghat from token blocks of length b (float32 GEMMs,
-  g_b) summed in float64, which makes it (g_b + gamma64) S.
+  honest tokens, so the torch path forms Ghat from token blocks of length b accumulated into
+  one tile (at most b + T/b roundings per entry), which makes it g_{b + T/b} S.
 
 Certified value N_up = (computed + bound), always. Samples whose bound exceeds CERTIFY_RTOL of
 the computed value are recomputed (Triton -> torch float32 with the tight Gram bound -> torch
@@ -42,6 +42,7 @@ over-estimated by at most CERTIFY_RTOL relative.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -137,62 +138,67 @@ def _inflate(n_terms: float) -> float:
 
 def _quad(kernel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B,) w' |K| w for K (B, T, T) and w (B, T), in K's precision (overwrites K with |K|)."""
-    w = weights.to(kernel.dtype)
-    return kernel.abs_().mul_(w.unsqueeze(1)).sum(2).mul_(w).sum(1).double()
+    return kernel.abs_().mul_(weights.unsqueeze(1)).sum(2).mul_(weights).sum(1)
 
 
 def _ghost_certified(a, g, arith: Arithmetic) -> tuple[torch.Tensor, ...]:
     """(N_hat, bound, S) float64 for one chunk: a, g float32 or float64 (the working type).
 
-    The row norms come from the Grams' diagonals, at no extra read of A and G:
-    |Khat_tt - ||a_t||^2| <= g_d ||a_t||^2 + d eta, so ||a_t|| <= sqrt((Khat_tt + d eta) /
-    (1 - g_d)) (inf if g_d >= 1 or Khat overflows: the sample is then flagged)."""
+    Row norms come from the Grams' diagonals, at no extra read of A and G, and absorb the
+    underflow terms (3): with nu_t = sqrt((Khat_tt + d eta) / (1 - g_d)) + c, c^2 = d eta / g_d,
+    |Khat_ts - K_ts| <= g_d ||a_t|| ||a_s|| + d eta <= g_d nu_t nu_s for every t, s (and nu is
+    inf, so the sample flagged, if g_d >= 1 or Khat overflows). The quadratic forms are sums
+    of non-negative terms in the working precision (relative error gamma_{2T+8}, plus at most
+    3 T^2 eta from underflow); the products Khat^A Khat^G are rounded once and summed in
+    float64, which adds (u_w + gamma64_{T^2}) sum |Khat^A Khat^G| <= ... (1 + g_p) Q_G."""
     n_tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     g_d, g_p = arith.dot_gamma(d_in), arith.dot_gamma(d_out)
+    u_w = torch.finfo(a.dtype).eps / 2
     gram_a = torch.bmm(a, a.transpose(1, 2))
     gram_g = torch.bmm(g, g.transpose(1, 2))
-    nu_a = _diag_norms(gram_a, g_d, d_in * arith.eta)
-    nu_g = _diag_norms(gram_g, g_p, d_out * arith.eta)
+    nu_a = _diag_norms(gram_a, g_d, d_in * arith.eta, u_w)
+    nu_g = _diag_norms(gram_g, g_p, d_out * arith.eta, u_w)
     n_hat = (gram_a * gram_g).sum((1, 2), dtype=torch.float64)
-    u_w = torch.finfo(a.dtype).eps / 2
-    q_a = _quad(gram_g, nu_a) * (1.0 + gamma(2 * n_tokens + 8, u_w))
-    q_g = _quad(gram_a, nu_g) * (1.0 + gamma(2 * n_tokens + 8, u_w))
-    s = (nu_a * nu_g).sum(1) * _inflate(n_tokens)
-    bound = (
-        g_d * q_a
-        + g_p * q_g
-        + g_d * g_p * s.square()
-        + (u_w + gamma(n_tokens * n_tokens, U64)) * (1.0 + g_p) * q_g
-        + _underflow_ghost(nu_a, nu_g, arith.eta, d_in, d_out)
-    )
-    return n_hat, bound * _inflate(n_tokens * n_tokens + d_in + d_out), s
+    s = (nu_a * nu_g).sum(1, dtype=torch.float64)
+    c_a = g_d
+    c_g = g_p + (u_w + gamma(n_tokens * n_tokens, U64)) * (1.0 + g_p)
+    quads = _quad(gram_g, nu_a).mul_(c_a).add_(_quad(gram_a, nu_g), alpha=c_g).double()
+    factor = (1.0 + gamma(2 * n_tokens + 8, u_w)) * _inflate(n_tokens * n_tokens + d_in + d_out)
+    tiny = 3 * n_tokens**2 * arith.eta * (c_a + c_g)
+    bound = quads.add_(s.square(), alpha=g_d * g_p).mul_(factor).add_(tiny)
+    return n_hat, bound, s * ((1.0 + 2 * u_w) * _inflate(n_tokens))  # products rounded once
 
 
-def _diag_norms(gram: torch.Tensor, rel: float, absolute: float) -> torch.Tensor:
-    """(B, T) float64 upper bounds on the row norms behind a computed Gram (B, T, T)."""
+def _diag_norms(gram: torch.Tensor, rel: float, absolute: float, u_w: float) -> torch.Tensor:
+    """(B, T) upper bounds, in the Gram's precision, on the row norms behind a computed Gram
+    (B, T, T) plus sqrt(absolute / rel) (see ``_ghost_certified``); 8 roundings: 1 + 8 u_w."""
     if not rel < 1:
-        return torch.full(gram.shape[:2], math.inf, dtype=torch.float64, device=gram.device)
-    diag = gram.diagonal(dim1=1, dim2=2).to(torch.float64, copy=True)  # not a view of K
-    return diag.add_(absolute).div_(1.0 - rel).sqrt_().mul_(1.0 + 4 * U64)
+        return torch.full(gram.shape[:2], math.inf, dtype=gram.dtype, device=gram.device)
+    diag = gram.diagonal(dim1=1, dim2=2).clone()  # not a view of K
+    scale = (1.0 + 8 * u_w) ** 2 / (1.0 - rel)
+    return diag.mul_(scale).add_(absolute * scale).sqrt_().add_(math.sqrt(absolute / rel))
 
 
-def _underflow_ghost(nu_a, nu_g, eta: float, d_in: int, d_out: int) -> torch.Tensor:
-    """(3) for the ghost sum: d eta per entry of K^A against |K^G| <= 2 nu^G nu^G', and back,
-    plus their product; generous: 2 (d + p) eta (sum nu^A + sum nu^G)^2 + T^2 d p eta^2."""
-    n_tokens = nu_a.shape[1]
-    total = nu_a.sum(1) + nu_g.sum(1)
-    return 2 * (d_in + d_out) * eta * total.square() + n_tokens**2 * d_in * d_out * eta**2
-
-
-def _direct_block(n_tokens: int, u_acc: float) -> int:
-    """Token block of the direct method: a length-n dot is off by up to gamma_n S, and S is
-    ~sqrt(T) ||G^T A|| for independent tokens, so the block keeps 2 gamma_block sqrt(T) under a
-    third of CERTIFY_RTOL (honest samples are then not flagged); blocks are summed in float64
-    (error ~1e-16). T <= ~100 needs no blocks."""
-    block = 1 << 30
-    while block > 16 and 2 * gamma(block + 4, u_acc) * math.sqrt(n_tokens) > CERTIFY_RTOL / 3:
-        block //= 2
-    return min(block, max(n_tokens, 1))
+@functools.lru_cache(maxsize=256)
+def _direct_plan(n_tokens: int, u_acc: float) -> tuple[int, bool]:
+    """(block, float64 accumulator) of the direct method. A length-n dot is off by up to
+    gamma_n S, and S is ~sqrt(T) ||G^T A|| for independent tokens, so honest samples stay
+    unflagged while 2 gamma_depth sqrt(T) <= CERTIFY_RTOL / 3. GEMMs over blocks of b tokens
+    accumulated into one float32 tile (baddbmm) give depth b + T/b: the fewest blocks that
+    pass (T <= ~100 needs none). Past T ~ 600 no b does, and the blocks are summed in float64
+    (depth b, plus gamma64_{T/b})."""
+    n_tokens = max(n_tokens, 1)
+    limit = CERTIFY_RTOL / (6 * math.sqrt(n_tokens))
+    for n_blocks in range(1, n_tokens + 1):
+        block = -(-n_tokens // n_blocks)
+        if gamma(block + n_blocks, u_acc) <= limit:
+            return block, False
+        if block * block < n_tokens:  # depth only grows from here
+            break
+    block = n_tokens
+    while block > 16 and gamma(block + 1, u_acc) > limit:
+        block = -(-block // 2)
+    return block, True
 
 
 def _frobenius(grads: torch.Tensor) -> torch.Tensor:
@@ -213,23 +219,30 @@ def _frobenius(grads: torch.Tensor) -> torch.Tensor:
 
 
 def _direct_certified(
-    a, g, s: torch.Tensor, arith: Arithmetic, block: int
+    a, g, s: torch.Tensor, arith: Arithmetic, block: int, wide: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N_hat, bound) float64 for one chunk: G^T A by token blocks of GEMMs (inner length
-    <= block, error gamma_block |G_b|^T |A_b|) summed in float64. ``s``: (B,) upper bounds on
+    """(N_hat, bound) float64 for one chunk: G^T A by token blocks of GEMMs accumulated into
+    one tile (error gamma_{block + n_blocks} |G|^T |A|), or, ``wide``, into a float64 one.
+    ``s``: (B,) upper bounds on
     || |G|^T |A| ||_F, e.g. sum_t ||a_t|| ||g_t|| or ||A||_F ||G||_F (Cauchy-Schwarz)."""
     batch, n_tokens, d_in = a.shape
     d_out = g.shape[2]
     n_blocks = -(-n_tokens // block)
     grads = torch.bmm(g[:, :block].transpose(1, 2), a[:, :block])
-    if n_blocks > 1:  # strided slices, no copies; float64 accumulator
+    if wide:
         grads = grads.double()
-        for start in range(block, n_tokens, block):
-            stop = start + block
-            grads += torch.bmm(g[:, start:stop].transpose(1, 2), a[:, start:stop])
+    for start in range(block, n_tokens, block):  # strided slices, no copies
+        stop = start + block
+        part_g, part_a = g[:, start:stop].transpose(1, 2), a[:, start:stop]
+        if wide:
+            grads += torch.bmm(part_g, part_a)
+        else:
+            grads.baddbmm_(part_g, part_a)
     root = _frobenius(grads)
-    g_block = arith.dot_gamma(block)
-    rel = g_block + gamma(n_blocks, U64) * (1.0 + g_block)
+    if wide:  # block GEMMs (depth block), then a float64 sum of n_blocks terms
+        rel = arith.dot_gamma(block) + gamma(n_blocks + 1, U64) * (1 + arith.dot_gamma(block))
+    else:  # each entry: at most block + n_blocks roundings
+        rel = arith.dot_gamma(block + n_blocks)
     err = rel * s + n_tokens * arith.eta * math.sqrt(d_in * d_out)
     n_all = n_tokens + d_in * d_out + d_in + d_out
     n_hat = root.square()
@@ -260,7 +273,9 @@ def _torch_certified(
             s = s64 if s is None else torch.minimum(s, s64)
         elif s is None:
             s = frobenius_bounds(a) * frobenius_bounds(g) * _inflate(2)
-    block = n_tokens if work == torch.float64 else _direct_block(n_tokens, arith.u_acc)
+    block, wide = (n_tokens, False)
+    if work != torch.float64:
+        block, wide = _direct_plan(n_tokens, arith.u_acc)
     per_sample = n_tokens * n_tokens if method == "ghost" else 3 * d_in * g.shape[2]
     chunk = max(1, _CHUNK_ELEMENTS // per_sample)
     parts = []
@@ -269,14 +284,17 @@ def _torch_certified(
             parts.append(_ghost_certified(a[i : i + chunk], g[i : i + chunk], arith))
         else:
             part = _direct_certified(
-                a[i : i + chunk], g[i : i + chunk], s[i : i + chunk], arith, block
+                a[i : i + chunk], g[i : i + chunk], s[i : i + chunk], arith, block, wide
             )
             parts.append((*part, s[i : i + chunk]))
-    n_hat, bound, s = (torch.cat([p[k] for p in parts]) for k in range(3))
+    if len(parts) == 1:
+        n_hat, bound, s = parts[0]
+    else:
+        n_hat, bound, s = (torch.cat([p[k] for p in parts]) for k in range(3))
     certified = _certified(n_hat, bound)
-    flagged = ~(bound <= CERTIFY_RTOL * n_hat)
-    if bool(flagged.any()):
-        index = flagged.nonzero().squeeze(1)
+    passed = bound <= n_hat * CERTIFY_RTOL  # False for NaN: those are flagged too
+    if not bool(passed.all()):
+        index = (~passed).nonzero().squeeze(1)
         sub_a, sub_g = activations[index], grad_outputs[index]
         if work != torch.float64:
             certified[index] = _torch_certified(sub_a, sub_g, method, s[index], torch.float64)[0]
@@ -285,20 +303,21 @@ def _torch_certified(
             # both are upper bounds, keep the smaller
             direct = _torch_certified(sub_a, sub_g, "direct", s[index], torch.float64)[0]
             certified[index] = torch.minimum(certified[index], direct)
-    return certified.nan_to_num(math.inf), s
+        certified = certified.nan_to_num(math.inf)
+    return certified, s
 
 
 def _certified(n_hat: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    return (n_hat.clamp(min=0) + bound) * _inflate(2)
+    return n_hat.clamp(min=0).add_(bound).mul_(_inflate(2))
 
 
 def _refine(n_hat: torch.Tensor, bound: torch.Tensor, redo) -> torch.Tensor:
     """n_hat + bound, with the samples whose bound is above CERTIFY_RTOL of n_hat (or not
     finite) replaced by ``redo(their indices)``, the next, more precise level."""
     certified = _certified(n_hat, bound)
-    flagged = ~(bound <= CERTIFY_RTOL * n_hat)
-    if bool(flagged.any()):
-        index = flagged.nonzero().squeeze(1)
+    passed = bound <= n_hat * CERTIFY_RTOL
+    if not bool(passed.all()):
+        index = (~passed).nonzero().squeeze(1)
         certified[index] = redo(index)
     return certified
 
@@ -325,7 +344,8 @@ def _triton_certified(activations, grad_outputs, method, mags, s) -> torch.Tenso
 
     n_hat = per_sample_norm_triton.per_sample_norm_sq(activations, grad_outputs, method).double()
     if method == "ghost":
-        bound = slack * s.square() + _underflow_ghost(*mags, arith.eta, d_in, d_out)
+        total = mags[0].sum(1) + mags[1].sum(1)  # underflow (3), generously
+        bound = slack * s.square() + 2 * (d_in + d_out) * arith.eta * total.square()
     else:
         root = (n_hat.clamp(min=0) / (1 - final)).sqrt()
         err = arith.dot_gamma(n_tokens) * s + n_tokens * arith.eta * math.sqrt(d_in * d_out)
@@ -405,7 +425,7 @@ def clipped_weight_bound_sq(
     norms, s = certified_weight_norm_sq(activations, grad_outputs, method)
     if rho is None:
         rho = clipped_gemm_rounding(activations, grad_outputs)
-    return (norms.sqrt() + rho * s).square() * _inflate(4)
+    return norms.sqrt().add_(s, alpha=rho).square_().mul_(_inflate(4))
 
 
 def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:

@@ -21,19 +21,26 @@ def oracle_grad_sum(
     targets: torch.Tensor,
     clipping: str,
     max_grad_norm: float | list[float] = 1.0,
+    views: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """sum_i c_i grad_i per trainable parameter name (float64 model copy for exactness)."""
+    """sum_i c_i grad_i per trainable parameter name (float64 model copy for exactness).
+
+    ``views`` K > 1: ``inputs`` holds K views per sample (rows i*K .. i*K+K-1, B*K rows) and
+    ``targets`` one row per sample; grad_i is the mean of the K views' gradients, clipped once.
+    """
     reference = copy.deepcopy(model).double()
     named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
     layers: dict[str, list[str]] = {}
     for name, _ in named:
         layers.setdefault(name.rsplit(".", 1)[0] if "." in name else "", []).append(name)
     total = {name: torch.zeros_like(p) for name, p in named}
-    for i in range(inputs.shape[0]):
+    for i in range(inputs.shape[0] // views):
         reference.zero_grad()
-        x = inputs[i : i + 1]
-        x = x.double() if x.is_floating_point() else x
-        per_sample_loss(reference(x), targets[i : i + 1].double()).sum().backward()
+        for k in range(views):  # one view at a time: nothing shared between views
+            x = inputs[i * views + k : i * views + k + 1]
+            x = x.double() if x.is_floating_point() else x
+            loss = per_sample_loss(reference(x), targets[i : i + 1].double()).sum()
+            (loss / views).backward()
         grads = {name: p.grad.clone() for name, p in named}
         if clipping in ("flat", "automatic"):
             norm = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
@@ -67,8 +74,16 @@ def fastdp_grad_sum(
     clipping: str,
     max_grad_norm: float | list[float] = 1.0,
     micro_batch: int | None = None,
+    views: int = 1,
+    loss_reduction: str = "sum",
 ) -> dict[str, torch.Tensor]:
-    """The same sum through fastdp (noise off): read back from an SGD(lr=1) step."""
+    """The same sum through fastdp (noise off): read back from an SGD(lr=1) step.
+
+    ``views`` K > 1: inputs as for ``oracle_grad_sum``; the private loader draws the B
+    samples (as indices) and its ``augment`` swaps each sample's K repeated rows for the
+    given views. ``loss_reduction="mean"`` trains on the mean loss and rescales the update by
+    the batch size, so the result is the same sum.
+    """
     from torch.utils.data import DataLoader, TensorDataset
 
     import fastdp
@@ -76,8 +91,19 @@ def fastdp_grad_sum(
     model = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    batch = inputs.shape[0]
-    loader = DataLoader(TensorDataset(inputs, targets), batch_size=max(batch, 1))
+    batch = inputs.shape[0] // views
+    augment = None
+    if views == 1:
+        loader = DataLoader(TensorDataset(inputs, targets), batch_size=max(batch, 1))
+    else:
+        index = torch.arange(batch)
+        loader = DataLoader(TensorDataset(index, targets), batch_size=max(batch, 1))
+
+        def augment(rows):  # (index, target), each sample's row repeated K times, grouped
+            ids, y = rows
+            view = torch.arange(len(ids)) % views
+            return inputs[ids * views + view], y
+
     engine = fastdp.PrivacyEngine()
     model, optimizer, loader = engine.make_private(
         module=model,
@@ -89,13 +115,21 @@ def fastdp_grad_sum(
         poisson_sampling=False,
         max_physical_batch_size=micro_batch,
         seed=0,
-        loss_reduction="sum",
+        loss_reduction=loss_reduction,
+        augmentation_multiplicity=views,
+        augment=augment,
     )
     for x, y in loader:
-        per_sample_loss(model(x), y).sum().backward()
+        loss = per_sample_loss(model(x), y)
+        (loss.mean() if loss_reduction == "mean" else loss.sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
-    return {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    rescale = batch if loss_reduction == "mean" else 1
+    return {
+        n: (before[n] - p.detach()) * rescale
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def assert_close_sums(got: dict, expected: dict, rtol: float = 1e-5) -> None:

@@ -20,6 +20,11 @@ class Record:
     output, batch-first. Rules work on G as it is; ``grad_scale`` (the physical batch size
     under a mean-reduced loss, 1 under a sum) turns their results into per-sample gradients
     and is applied by the clipping strategy.
+
+    ``group`` K > 1 (augmentation multiplicity): the batch axis holds B samples x K views,
+    grouped by sample (view k of sample i at row i*K + k), and a *sample* is the group. Rules
+    return (B,) norms of the sum over a sample's K views and take (B,) scales; the helpers
+    ``group_tokens``, ``sum_views`` and ``rows_scale`` below do the regrouping.
     """
 
     module: nn.Module
@@ -28,22 +33,26 @@ class Record:
     grad_output: torch.Tensor | None = None
     grad_scale: float = 1.0
     extra: dict = field(default_factory=dict)
+    group: int = 1
 
     @property
     def batch_size(self) -> int:
-        return self.grad_output.shape[0]
+        """B, the number of samples (rows / group)."""
+        return self.grad_output.shape[0] // self.group
 
     def per_sample_finite(self) -> torch.Tensor:
-        """(B,) bool: True where every saved float tensor and G are finite for that sample."""
+        """(B,) bool: True where every saved float tensor and G are finite for that sample
+        (all K views of it)."""
         ok = torch.isfinite(self.grad_output).flatten(1).all(1)
         for tensor in self.saved.values():
             if tensor.is_floating_point():
                 ok &= torch.isfinite(tensor).flatten(1).all(1)
-        return ok
+        return ok.view(-1, self.group).all(1)
 
     def zero_samples(self, drop: torch.Tensor) -> None:
-        """Replace the saved tensors and G of the samples in ``drop`` (B,) bool by zeros."""
-        keep = ~drop
+        """Replace the saved tensors and G of the samples in ``drop`` (B,) bool by zeros
+        (every view of a dropped sample)."""
+        keep = ~drop.repeat_interleave(self.group) if self.group > 1 else ~drop
 
         def masked(t: torch.Tensor) -> torch.Tensor:
             shape = (-1,) + (1,) * (t.dim() - 1)
@@ -51,6 +60,30 @@ class Record:
 
         self.grad_output = masked(self.grad_output)
         self.saved = {k: masked(t) if t.is_floating_point() else t for k, t in self.saved.items()}
+
+
+def group_tokens(tensor: torch.Tensor, group: int) -> torch.Tensor:
+    """(B*K, T, ...) -> (B, K*T, ...): a sample's K views become K*T positions of one
+    sample (a view of a contiguous tensor), so sums over positions (ghost/direct norms,
+    the clipped GEMM) cover the sum over views with no new math."""
+    if group == 1:
+        return tensor
+    return tensor.reshape(tensor.shape[0] // group, group * tensor.shape[1], *tensor.shape[2:])
+
+
+def sum_views(tensor: torch.Tensor, group: int) -> torch.Tensor:
+    """(B*K, ...) per-row gradients -> (B, ...) per-sample gradients (sum over the views)."""
+    if group == 1:
+        return tensor
+    return tensor.reshape(tensor.shape[0] // group, group, *tensor.shape[1:]).sum(1)
+
+
+def rows_scale(scale: torch.Tensor | None, group: int) -> torch.Tensor | None:
+    """(B,) per-sample scale -> (B*K,) per-row scale: every view of sample i gets c_i (the
+    clipped sum is linear in the rows, so sum_i c_i sum_k g_ik)."""
+    if scale is None or group == 1:
+        return scale
+    return scale.repeat_interleave(group)
 
 
 class LayerRule:

@@ -24,7 +24,9 @@ from fastdp.rules.base import (
     Record,
     buffer_for,
     detached,
+    group_tokens,
     register_rule,
+    rows_scale,
     trainable,
 )
 
@@ -78,6 +80,17 @@ def grouped_grad_output(module: nn.Conv1d | nn.Conv2d, grad_output: torch.Tensor
     return g.reshape(batch * groups, -1, channels // groups)
 
 
+def views_as_positions(t: torch.Tensor, views: int, groups: int) -> torch.Tensor:
+    """(B*K*groups, L, n) -> (B*groups, K*L, n): a sample's K views as K*L positions of each
+    of its groups (augmentation multiplicity), so the linear norm covers the sum over views."""
+    if views == 1:
+        return t
+    rows, length, n = t.shape
+    batch = rows // (views * groups)
+    t = t.view(batch, views, groups, length, n).transpose(1, 2)
+    return t.reshape(batch * groups, views * length, n)
+
+
 def _conv_rounding(device: torch.device) -> float:
     """rho of the clipped convolution: c * G rounded to float32, then both operands to tf32
     when cuDNN may use it (CUDA, torch.backends.cudnn.allow_tf32)."""
@@ -97,24 +110,29 @@ class ConvRule(LayerRule):
         convolution of c * G (rounded once: rho = u32, and tf32 operands on CUDA when cuDNN
         allows them)."""
         module = record.module
-        grad_output = record.grad_output
-        batch = grad_output.shape[0]
+        grad_output, views = record.grad_output, record.group
+        batch = record.batch_size
         norms = torch.zeros(batch, dtype=torch.float64, device=grad_output.device)
         if trainable(module, "weight") is not None:
             cols = unfolded(module, *padded_input(module, record.saved["input"]))
+            grads = grouped_grad_output(module, grad_output)
             rho = _conv_rounding(grad_output.device)
             per_group = clipped_weight_bound_sq(
-                cols, grouped_grad_output(module, grad_output), rho=rho
+                views_as_positions(cols, views, module.groups),
+                views_as_positions(grads, views, module.groups),
+                rho=rho,
             )
             norms += per_group.view(batch, module.groups).sum(1)
         if trainable(module, "bias") is not None:
-            norms += clipped_bias_bound_sq(grad_output.flatten(2).transpose(1, 2))
+            tokens = grad_output.flatten(2).transpose(1, 2)
+            norms += clipped_bias_bound_sq(group_tokens(tokens, views))
         return round_up_f32(norms * (1.0 + 2.0**-50))
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
         weight, bias = trainable(module, "weight"), trainable(module, "bias")
         grad_output = record.grad_output.float()
+        scale = rows_scale(scale, record.group)  # every view of sample i gets c_i
         if scale is not None:
             grad_output = grad_output * scale.view((-1,) + (1,) * (grad_output.dim() - 1))
         if weight is not None:

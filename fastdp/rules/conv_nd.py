@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.kernels.clipped_grad import clipped_linear_grad
-from fastdp.rules.base import LayerRule, Record, buffer_for, detached, register_rule, trainable
+from fastdp.rules.base import (
+    LayerRule,
+    Record,
+    buffer_for,
+    detached,
+    group_tokens,
+    register_rule,
+    trainable,
+)
 from fastdp.rules.conv import padded_input
 from fastdp.rules.linear import linear_norm_sq
 
@@ -70,24 +78,30 @@ class _UnfoldedConvRule(LayerRule):
         """(A, G) of the per-sample linear maps, (B, L, groups * n) each."""
         raise NotImplementedError
 
+    def sample_operands(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
+        """``operands`` with a sample's K views as K*L positions (B, K*L, groups * n)."""
+        cols, grads = self.operands(record)
+        return group_tokens(cols, record.group), group_tokens(grads, record.group)
+
     def norm_sq(self, record: Record) -> torch.Tensor:
         module = record.module
         grad_output = record.grad_output
-        batch = grad_output.shape[0]
+        batch = record.batch_size
         norms = torch.zeros(batch, dtype=torch.float32, device=grad_output.device)
         if trainable(module, "weight") is not None:
-            cols, grads = self.operands(record)
+            cols, grads = self.sample_operands(record)
             for a, g in zip(_per_group(cols, module.groups), _per_group(grads, module.groups)):
                 norms += linear_norm_sq(a, g, weight=True, bias=False)
         if trainable(module, "bias") is not None:
-            norms += linear_norm_sq(None, _tokens(grad_output), weight=False, bias=True)
+            tokens = group_tokens(_tokens(grad_output), record.group)
+            norms += linear_norm_sq(None, tokens, weight=False, bias=True)
         return norms
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
         weight, bias = trainable(module, "weight"), trainable(module, "bias")
         if weight is not None:
-            cols, grad = self.operands(record)
+            cols, grad = self.sample_operands(record)
             groups = module.groups
             buf = buffer_for(grads, weight)
             per_group_buf = buf.view(groups, weight.shape[0] // groups, -1)
@@ -95,7 +109,7 @@ class _UnfoldedConvRule(LayerRule):
             for j, (a, g) in enumerate(pairs):
                 clipped_linear_grad(a, g, scale, per_group_buf[j])
         if bias is not None:
-            g = _tokens(record.grad_output).float()
+            g = group_tokens(_tokens(record.grad_output), record.group).float()
             per_sample = g.sum(1)
             buffer_for(grads, bias).add_(per_sample.sum(0) if scale is None else scale @ per_sample)
 

@@ -21,12 +21,14 @@ from fastdp.rules.base import (
 
 
 def _flat_tokens(module: nn.Embedding, record: Record):
-    """(sample index, token id, g) for every non-padding position, flattened."""
+    """(sample index, token id, g) for every non-padding position, flattened; the K views of
+    a sample (``record.group``) share its index."""
     tokens = record.saved["tokens"]
-    batch = tokens.shape[0]
-    tokens = tokens.reshape(batch, -1)
-    g = record.grad_output.reshape(batch, tokens.shape[1], -1)
-    sample = torch.arange(batch, device=tokens.device).unsqueeze(1).expand_as(tokens)
+    rows = tokens.shape[0]
+    tokens = tokens.reshape(rows, -1)
+    g = record.grad_output.reshape(rows, tokens.shape[1], -1)
+    sample = torch.arange(rows, device=tokens.device) // record.group
+    sample = sample.unsqueeze(1).expand_as(tokens)
     tokens, sample, g = tokens.reshape(-1), sample.reshape(-1), g.reshape(-1, g.shape[-1])
     if module.padding_idx is not None:
         keep = tokens != module.padding_idx
@@ -83,9 +85,8 @@ class EmbeddingRule(LayerRule):
 
     def norm_sq(self, record: Record) -> torch.Tensor:
         module = record.module
-        batch = record.grad_output.shape[0]
         sample, tokens, g = _flat_tokens(module, record)
-        return embedding_norm_sq(sample, tokens, g, batch, module.num_embeddings)
+        return embedding_norm_sq(sample, tokens, g, record.batch_size, module.num_embeddings)
 
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module

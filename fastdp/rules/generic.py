@@ -35,7 +35,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastdp.rules.base import LayerRule, Record, buffer_for, register_fallback
+from fastdp.rules.base import (
+    LayerRule,
+    Record,
+    buffer_for,
+    register_fallback,
+    rows_scale,
+    sum_views,
+)
 
 _REPLAY = "_replay"  # key of the saved holder carrying the inputs' structure
 _BATCHED = object()  # placeholder in the template: the tensor is in ``saved``
@@ -144,7 +151,10 @@ class GenericRule(LayerRule):
         return output, saved
 
     def norm_sq(self, record: Record) -> torch.Tensor:
-        per_sample = _per_sample_grads(record)
+        per_sample = {
+            name: sum_views(grad, record.group)  # a sample's K views: their sum
+            for name, grad in _per_sample_grads(record).items()
+        }
         record.extra["per_sample"] = per_sample  # accumulate adds exactly these
         return rounded_up_norm_sq(per_sample.values(), record.batch_size, record.grad_output)
 
@@ -152,7 +162,7 @@ class GenericRule(LayerRule):
         module = record.module
         per_sample = record.extra.pop("per_sample", None)
         if per_sample is None:  # no norms asked (Noisy-SGD): one batched vjp of scale * G
-            for name, total in _summed_grads(record, scale).items():
+            for name, total in _summed_grads(record, rows_scale(scale, record.group)).items():
                 buffer_for(grads, module._parameters[name]).add_(total.float())
             return
         for name, grad in per_sample.items():

@@ -13,7 +13,7 @@ import torch
 
 from fastdp.kernels.clipped_grad import clipped_linear_grad
 from fastdp.rules.base import LayerRule, Record, buffer_for, detached, register_rule, trainable
-from fastdp.rules.linear import as_btd, linear_accumulate, linear_norm_sq
+from fastdp.rules.linear import linear_accumulate, linear_norm_sq, record_operands
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -35,8 +35,7 @@ class HFConv1DRule(LayerRule):
     def norm_sq(self, record: Record) -> torch.Tensor:
         module = record.module
         return linear_norm_sq(
-            as_btd(record.saved["activations"]),
-            as_btd(record.grad_output),
+            *record_operands(record),
             weight=trainable(module, "weight") is not None,
             bias=trainable(module, "bias") is not None,
         )
@@ -44,8 +43,7 @@ class HFConv1DRule(LayerRule):
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
         weight, bias = trainable(module, "weight"), trainable(module, "bias")
-        activations = as_btd(record.saved["activations"])
-        grad_output = as_btd(record.grad_output)
+        activations, grad_output = record_operands(record)
         if weight is not None:  # (d_in, d_out) += sum_i (c_i A_i)^T G_i
             clipped_linear_grad(grad_output, activations, scale, buffer_for(grads, weight))
         if bias is not None:

@@ -17,6 +17,7 @@ from fastdp.rules.base import (
     Record,
     buffer_for,
     detached,
+    group_tokens,
     register_rule,
     trainable,
 )
@@ -30,6 +31,16 @@ def as_btd(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], n_tokens, tensor.shape[-1])
 
 
+def record_operands(record: Record, key: str = "activations") -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, G) as (B, T, d) and (B, T, p); a sample's K views (``record.group``) are K*T
+    positions of that sample."""
+    group = record.group
+    return (
+        group_tokens(as_btd(record.saved[key]), group),
+        group_tokens(as_btd(record.grad_output), group),
+    )
+
+
 def linear_norm_sq(
     activations: torch.Tensor, grad_outputs: torch.Tensor, weight: bool, bias: bool
 ) -> torch.Tensor:
@@ -41,12 +52,13 @@ def linear_norm_sq(
     plus its rounding bound (T = 1: ||a||^2 ||g||^2 from float64 row norms, no cancellation);
     bias: ||sum_t g_t||^2 summed in float64, plus its rounding bound.
     """
-    norms = torch.zeros(grad_outputs.shape[0], dtype=torch.float64, device=grad_outputs.device)
-    if weight:
-        norms += clipped_weight_bound_sq(activations, grad_outputs)
+    norms = clipped_weight_bound_sq(activations, grad_outputs) if weight else None
     if bias:
-        norms += clipped_bias_bound_sq(grad_outputs)
-    return round_up_f32(norms * (1.0 + 2.0**-50))
+        bias_sq = clipped_bias_bound_sq(grad_outputs)
+        norms = bias_sq if norms is None else norms.add_(bias_sq)
+    if norms is None:
+        return torch.zeros(grad_outputs.shape[0], dtype=torch.float32, device=grad_outputs.device)
+    return round_up_f32(norms.mul_(1.0 + 2.0**-50))
 
 
 def linear_accumulate(
@@ -73,8 +85,7 @@ class LinearRule(LayerRule):
     def norm_sq(self, record: Record) -> torch.Tensor:
         module = record.module
         norms = linear_norm_sq(
-            as_btd(record.saved["activations"]),
-            as_btd(record.grad_output),
+            *record_operands(record),
             weight=trainable(module, "weight") is not None,
             bias=trainable(module, "bias") is not None,
         )
@@ -84,8 +95,7 @@ class LinearRule(LayerRule):
         module = record.module
         weight, bias = trainable(module, "weight"), trainable(module, "bias")
         linear_accumulate(
-            as_btd(record.saved["activations"]),
-            as_btd(record.grad_output),
+            *record_operands(record),
             scale,
             buffer_for(grads, weight) if weight is not None else None,
             buffer_for(grads, bias) if bias is not None else None,

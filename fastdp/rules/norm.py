@@ -17,12 +17,14 @@ from fastdp.rules.base import (
     Record,
     buffer_for,
     register_rule,
+    sum_views,
     trainable,
 )
 
 
 def _per_sample_affine_grads(record: Record) -> dict[str, torch.Tensor]:
-    """{'weight': (B, *param_shape), 'bias': ...} float32 per-sample gradients."""
+    """{'weight': (B, *param_shape), 'bias': ...} float32 per-sample gradients (the sum over
+    a sample's views when ``record.group`` > 1)."""
     module = record.module
     g = record.grad_output.float()
     x_hat = record.saved["x_hat"].float()
@@ -39,9 +41,9 @@ def _per_sample_affine_grads(record: Record) -> dict[str, torch.Tensor]:
         reduce_dims = (1,)
     grads = {}
     if trainable(module, "weight") is not None:
-        grads["weight"] = (g * x_hat).sum(reduce_dims)
+        grads["weight"] = sum_views((g * x_hat).sum(reduce_dims), record.group)
     if trainable(module, "bias") is not None:
-        grads["bias"] = g.sum(reduce_dims)
+        grads["bias"] = sum_views(g.sum(reduce_dims), record.group)
     return grads
 
 
@@ -68,7 +70,7 @@ class AffineNormRule(LayerRule):
         once (u32), so ||added|| <= c ||v_i|| (1 + u32); ||v_i||^2 is summed in float64
         (relative error <= gamma64_n)."""
         norms = torch.zeros(
-            record.grad_output.shape[0], dtype=torch.float64, device=record.grad_output.device
+            record.batch_size, dtype=torch.float64, device=record.grad_output.device
         )
         size = 16
         for grad in _per_sample_affine_grads(record).values():

@@ -72,16 +72,19 @@ def tied_norm_sq(
 ) -> torch.Tensor:
     """(B,) float64 certified squared norm of the pair's joint contribution (both rules'
     parameters), from the rules' certified values ``emb_sq`` and ``head_sq``."""
-    from fastdp.rules.linear import as_btd
+    from fastdp.rules.base import group_tokens
+    from fastdp.rules.linear import record_operands
 
     tokens = emb.saved["tokens"]
+    rows = tokens.shape[0]
+    tokens = tokens.reshape(rows, -1)
+    g = emb.grad_output.reshape(rows, tokens.shape[1], -1).double()
+    # a sample's K views (augmentation multiplicity) as K*T positions of that sample
+    tokens, g = group_tokens(tokens, emb.group), group_tokens(g, emb.group)
     batch = tokens.shape[0]
-    tokens = tokens.reshape(batch, -1)
-    g = emb.grad_output.reshape(batch, tokens.shape[1], -1).double()
     if pair.embedding.padding_idx is not None:
         g = g * (tokens != pair.embedding.padding_idx).unsqueeze(-1)
-    a = as_btd(head.saved["activations"])
-    grad_head = as_btd(head.grad_output)
+    a, grad_head = record_operands(head)
     index = tokens.unsqueeze(1).expand(batch, grad_head.shape[1], tokens.shape[1])
     gathered = torch.gather(grad_head, 2, index).double()  # G[s, x_t]: (B, T_h, T_e)
     products = torch.bmm(a.double(), g.transpose(1, 2))  # a_s . g_t
