@@ -20,71 +20,70 @@ sample. The argument (Higham, "Accuracy and Stability of Numerical Algorithms", 
     precision it is computed in; it is inflated by (1 + gamma) so it stays an upper bound.
 
 Ghost (exact N = sum_ts K^A_ts K^G_ts with Grams K^A = A A^T, K^G = G G^T):
-  |Khat^A_ts - K^A_ts| <= eps^A_ts = g_d nu^A_t nu^A_s (+ d eta), likewise eps^G with g_p, so
-  |N - sum Khat^A Khat^G| <= sum_ts eps^A |Khat^G| + |Khat^A| eps^G + eps^A eps^G
-                          =  g_d Q_A + g_p Q_G + g_d g_p S^2 (+ underflow terms),
+  |Khat^A_ts - K^A_ts| <= g_d nu^A_t nu^A_s (g_d = gamma_d with operand rounding), likewise
+  for G with g_p, so
+  |N - sum Khat^A Khat^G| <= g_d Q_A + g_p Q_G + g_d g_p S^2,
   Q_A = nu^A' |Khat^G| nu^A, Q_G = nu^G' |Khat^A| nu^G, S = sum_t ||a_t|| ||g_t||.
-  The products Khat^A Khat^G are rounded once in the working precision and summed in float64:
-  a further (u_w + gamma64_{T^2}) sum |Khat^A Khat^G| <= (u_w + gamma64_{T^2})(1 + g_p) Q_G.
-  For honest data |K_ts| is small off the diagonal, so Q_A, Q_G ~ N and the relative slack is
-  ~(d + p) u ~ 1e-5; near cancellation (N << S^2) the slack is large and the sample is flagged.
-Direct (Ghat = fl(G^T A)): ||Ghat - G^T A||_F <= || g_T |G|^T |A| ||_F <= g_T S, so
+  The row norms nu are read off the Grams' diagonals (no extra pass over A and G) and absorb
+  the underflow terms; the products Khat^A Khat^G are rounded once and summed in float64,
+  adding (u_w + gamma64_{T^2}) (1 + g_p) Q_G. For honest data |K_ts| is small off the
+  diagonal, so Q_A, Q_G ~ N and the relative slack is ~(d + p) u ~ 1e-5 to 3e-4; near
+  cancellation (N << S^2) it is large and the sample is flagged. Extra cost: a few T x T
+  elementwise passes next to the 2 T^2 (d + p) FLOPs of the Grams.
+Direct (Ghat = fl(G^T A)): ||Ghat - G^T A||_F <= || g_T |G|^T |A| ||_F <= g_T S, and
+  S <= ||A||_F ||G||_F (Cauchy-Schwarz, one read of each in memory order), so
   ||G^T A||_F <= ||Ghat||_F + g_T S (+ T eta sqrt(d p)). g_T S is ~T^1.5 u of the norm for
-  honest tokens, so the torch path forms Ghat from token blocks of length b accumulated into
-  one tile (at most b + T/b roundings per entry), which makes it g_{b + T/b} S.
+  honest tokens, so Ghat is formed from token blocks of b tokens accumulated into one float32
+  tile (baddbmm: depth b + T/b), or past T ~ 600 into a float64 tile (``_direct_plan``).
+What the clipped GEMM adds (rho): it multiplies c into G's rows in float32 and may round the
+  operands again (tf32; bf16/fp16 in the Triton kernel), so it adds c G~^T A~ with
+  ||G~^T A~ - G^T A||_F <= rho S; the rules clip with (sqrt(N_up) + rho S)^2
+  (``clipped_weight_bound_sq``; bias: ``clipped_bias_bound_sq``). The accumulation error of
+  that GEMM across samples is not a per-sample quantity: the clipping margin covers it.
 
-Certified value N_up = (computed + bound), always. Samples whose bound exceeds CERTIFY_RTOL of
+Certified value N_up = computed + bound, always. Samples whose bound exceeds CERTIFY_RTOL of
 the computed value are recomputed (Triton -> torch float32 with the tight Gram bound -> torch
-float64 with its own, ~1e-13 relative, bound); the last level returns its N_up whatever its
-slack, so a certified value never falls below the true norm, and an honest sample is
-over-estimated by at most CERTIFY_RTOL relative.
+float64 with its own bound, ~1e-13 relative; a float64 ghost that still cancels also runs
+float64 direct, whose error grows with S, not S^2, and the smaller bound wins); the last
+level returns its N_up whatever its slack. So a certified value never falls below the true
+squared norm, and an honest sample is over-estimated by at most ~2 CERTIFY_RTOL relative.
+
+Triton path: the kernels return one float32 number per sample and keep no Grams, so the
+dispatcher bounds their error from magnitudes alone, for any summation order: with n the
+kernel's longest chain (d or p for a Gram entry, then T^2 products summed), ghost error
+<= (g_d + g_p + gamma_{T^2+1}) S^2, direct <= gamma_{dp} N + g_T S. S^2 / N ~ T for honest
+tokens, so this passes CERTIFY_RTOL only for short sequences; where it cannot pass for any
+input the torch path is used directly (``_triton_certified``). An in-kernel magnitude
+accumulator (Q_A, Q_G per tile from the row norms, and float64 partials) would give the
+Triton kernels the tight bound in the same pass.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
 from fastdp.kernels.dispatch import use_triton
 from fastdp.kernels.per_sample_norm import _CHUNK_ELEMENTS, METHODS, _check, choose_method
+from fastdp.kernels.rounding import (
+    U32,
+    U64,
+    Arithmetic,
+    _inflate,
+    _tf32,
+    diag_norm_bounds,
+    frobenius_bounds,
+    frobenius_rows_bounds,
+    gamma,
+    round_up_f32,
+    row_norm_bounds,
+    row_norms,
+    torch_arithmetic,
+)
 
 CERTIFY_RTOL = 2.0**-11  # ~4.9e-4 of the squared norm: above it, recompute more precisely
-U32, U64 = 2.0**-24, 2.0**-53
-
-
-def gamma(n: float, u: float) -> float:
-    """gamma_n = n u / (1 - n u) (Higham's constant), inf once n u >= 1/2 (no bound)."""
-    nu = n * u
-    return nu / (1.0 - nu) if nu < 0.5 else math.inf
-
-
-@dataclass(frozen=True)
-class Arithmetic:
-    """How a backend computes a dot product: ``u_acc`` the accumulation unit roundoff, ``u_in``
-    the rounding of each operand before it (0: exact), ``eta`` the smallest subnormal."""
-
-    u_acc: float
-    u_in: float = 0.0
-    eta: float = 2.0**-149
-
-    def dot_gamma(self, n: int) -> float:
-        """Relative error bound of a length-n dot product against |x| . |y|."""
-        return (1.0 + self.u_in) ** 2 * (1.0 + gamma(n, self.u_acc)) - 1.0
-
-
-def _tf32(device: torch.device) -> bool:
-    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
-
-
-def torch_arithmetic(dtype: torch.dtype, device: torch.device) -> Arithmetic:
-    """torch.bmm on ``dtype`` (float32 or float64) on ``device``."""
-    if dtype == torch.float64:
-        return Arithmetic(U64, 0.0, 2.0**-1074)
-    cuda = device.type == "cuda"
-    return Arithmetic(2 * U32 if cuda else U32, 2.0**-11 if _tf32(device) else 0.0)
 
 
 def triton_arithmetic(activations: torch.Tensor, grad_outputs: torch.Tensor) -> Arithmetic:
@@ -113,29 +112,6 @@ def clipped_gemm_rounding(activations: torch.Tensor, grad_outputs: torch.Tensor)
     return (1.0 + U32) * (1.0 + u_g) * (1.0 + u_a) - 1.0
 
 
-def row_norms(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, T) float64 ||x_t|| of a (B, T, k) tensor (relative error <= gamma64_{k+2})."""
-    return torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float64)
-
-
-def row_norm_bounds(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, T) float64 upper bounds on ||x_t||, from a float32 norm (a quarter of the cost of
-    float64 on CPU): sum of k squares, relative error <= gamma32_{k+1}, each square off by at
-    most eta32 when it underflows, so ||x|| <= nu32 (1 + gamma32_{k+2}) + sqrt(k eta32) with
-    sqrt(k eta32) < 2^-58. A square that overflows makes the bound inf (the sample is then
-    redone in float64, where row norms are recomputed)."""
-    k = tensor.shape[-1]
-    if tensor.dtype == torch.float64:
-        return row_norms(tensor) * _inflate(k)
-    nu = torch.linalg.vector_norm(tensor, dim=-1, dtype=torch.float32).double()
-    return nu.mul_(1.0 + 2 * gamma(k + 2, U32)).add_(2.0**-58)
-
-
-def _inflate(n_terms: float) -> float:
-    """1 + a bound on the relative error of float64 non-negative sums of n_terms terms (4)."""
-    return 1.0 + 4.0 * gamma(n_terms + 16, U64)
-
-
 def _quad(kernel: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B,) w' |K| w for K (B, T, T) and w (B, T), in K's precision (overwrites K with |K|)."""
     return kernel.abs_().mul_(weights.unsqueeze(1)).sum(2).mul_(weights).sum(1)
@@ -156,8 +132,8 @@ def _ghost_certified(a, g, arith: Arithmetic) -> tuple[torch.Tensor, ...]:
     u_w = torch.finfo(a.dtype).eps / 2
     gram_a = torch.bmm(a, a.transpose(1, 2))
     gram_g = torch.bmm(g, g.transpose(1, 2))
-    nu_a = _diag_norms(gram_a, g_d, d_in * arith.eta, u_w)
-    nu_g = _diag_norms(gram_g, g_p, d_out * arith.eta, u_w)
+    nu_a = diag_norm_bounds(gram_a, g_d, d_in * arith.eta, u_w)
+    nu_g = diag_norm_bounds(gram_g, g_p, d_out * arith.eta, u_w)
     n_hat = (gram_a * gram_g).sum((1, 2), dtype=torch.float64)
     s = (nu_a * nu_g).sum(1, dtype=torch.float64)
     c_a = g_d
@@ -167,16 +143,6 @@ def _ghost_certified(a, g, arith: Arithmetic) -> tuple[torch.Tensor, ...]:
     tiny = 3 * n_tokens**2 * arith.eta * (c_a + c_g)
     bound = quads.add_(s.square(), alpha=g_d * g_p).mul_(factor).add_(tiny)
     return n_hat, bound, s * ((1.0 + 2 * u_w) * _inflate(n_tokens))  # products rounded once
-
-
-def _diag_norms(gram: torch.Tensor, rel: float, absolute: float, u_w: float) -> torch.Tensor:
-    """(B, T) upper bounds, in the Gram's precision, on the row norms behind a computed Gram
-    (B, T, T) plus sqrt(absolute / rel) (see ``_ghost_certified``); 8 roundings: 1 + 8 u_w."""
-    if not rel < 1:
-        return torch.full(gram.shape[:2], math.inf, dtype=gram.dtype, device=gram.device)
-    diag = gram.diagonal(dim1=1, dim2=2).clone()  # not a view of K
-    scale = (1.0 + 8 * u_w) ** 2 / (1.0 - rel)
-    return diag.mul_(scale).add_(absolute * scale).sqrt_().add_(math.sqrt(absolute / rel))
 
 
 @functools.lru_cache(maxsize=256)
@@ -201,23 +167,6 @@ def _direct_plan(n_tokens: int, u_acc: float) -> tuple[int, bool]:
     return block, True
 
 
-def _frobenius(grads: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 upper bound on ||X_i||_F of a (B, p, d) float32/float64 tensor: float32
-    norms of rows of <= 256 entries (a divisor of d; relative error <= gamma32_258, ~1.5e-5)
-    combined in float64; a float64 copy of X can cost several times the GEMM that made it."""
-    if grads.dtype == torch.float64:
-        return torch.linalg.vector_norm(grads, dim=(1, 2)) * _inflate(grads[0].numel())
-    batch, d_out, d_in = grads.shape
-    rows = grads
-    if d_in > 256 and grads.is_contiguous():
-        width = next(w for w in range(256, 0, -1) if d_in % w == 0)
-        rows = grads.view(batch, d_out * d_in // width, width)
-    width = rows.shape[2]
-    nu = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float32).double()
-    nu = nu.mul_(1.0 + 2 * gamma(width + 2, U32)).add_(2.0**-58)
-    return torch.linalg.vector_norm(nu, dim=1) * _inflate(rows.shape[1])
-
-
 def _direct_certified(
     a, g, s: torch.Tensor, arith: Arithmetic, block: int, wide: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +187,7 @@ def _direct_certified(
             grads += torch.bmm(part_g, part_a)
         else:
             grads.baddbmm_(part_g, part_a)
-    root = _frobenius(grads)
+    root = frobenius_rows_bounds(grads)
     if wide:  # block GEMMs (depth block), then a float64 sum of n_blocks terms
         rel = arith.dot_gamma(block) + gamma(n_blocks + 1, U64) * (1 + arith.dot_gamma(block))
     else:  # each entry: at most block + n_blocks roundings
@@ -358,17 +307,6 @@ def _triton_certified(activations, grad_outputs, method, mags, s) -> torch.Tenso
     return _refine(n_hat, bound, redo)
 
 
-def frobenius_bounds(tensor: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 upper bounds on ||x_i||_F of a (B, T, k) tensor from a float32 norm over
-    (T, k) (contiguous or not, it reads memory in order: unfolded convolution inputs are
-    transposed views, where per-row norms cost more than the GEMM): as ``row_norm_bounds``."""
-    n = tensor.shape[1] * tensor.shape[2]
-    if tensor.dtype == torch.float64:
-        return torch.linalg.vector_norm(tensor, dim=(1, 2)) * _inflate(n)
-    nu = torch.linalg.vector_norm(tensor, dim=(1, 2), dtype=torch.float32).double()
-    return nu.mul_(1.0 + 2 * gamma(n + 2, U32)).add_(2.0**-58)
-
-
 def _magnitudes(activations, grad_outputs, method) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """(mags, S): ghost needs the row norms (nu_a, nu_g), S = sum_t nu_a nu_g; direct only
     needs S >= || |G|^T |A| ||_F and takes ||A||_F ||G||_F (Cauchy-Schwarz), cheaper to read.
@@ -466,13 +404,6 @@ def _block_sums(tensor: torch.Tensor, block: int) -> torch.Tensor:
     if pad:
         tensor = torch.nn.functional.pad(tensor, (0, 0, 0, pad))
     return tensor.reshape(batch, n_blocks, block, d_out).sum(2)
-
-
-def round_up_f32(values: torch.Tensor) -> torch.Tensor:
-    """float64 -> float32, never below: fl32(v (1 + 2^-23) + 2^-149) >= v, since rounding to
-    nearest moves a normal value by at most 2^-24 of itself and a subnormal one by at most
-    2^-150 (and past float32's range gives inf)."""
-    return (values * (1.0 + 2.0**-23) + 2.0**-149).float()
 
 
 def certified_norm_sq(
