@@ -94,7 +94,9 @@ def triton_arithmetic(activations: torch.Tensor, grad_outputs: torch.Tensor) -> 
     return Arithmetic(2 * U32, 2.0**-11 if fp32_in and _tf32(device) else 0.0)
 
 
-def clipped_gemm_rounding(activations: torch.Tensor, grad_outputs: torch.Tensor) -> float:
+def clipped_gemm_rounding(
+    activations: torch.Tensor, grad_outputs: torch.Tensor, triton: bool | None = None
+) -> float:
     """rho: the clipped GEMM adds c G~^T A~ with |G~ - c G| <= ((1+u32)(1+u_g) - 1)|c G| and
     |A~ - A| <= u_a |A| (its operands, rounded: c * g in float32, then to the dot type), so
     ||c G~^T A~ - c G^T A||_F <= c rho S with S = sum_t ||a_t|| ||g_t||,
@@ -102,9 +104,10 @@ def clipped_gemm_rounding(activations: torch.Tensor, grad_outputs: torch.Tensor)
 
     torch path: float32 operands (tf32 on CUDA if allowed). Triton: both inputs of one 16-bit
     type -> c * g rounded to it (bf16 2^-8, fp16 2^-11), A exact; else float32/tf32.
+    ``triton``: the backend decision if the caller has it (None: ask dispatch).
     """
     u_g = u_a = 2.0**-11 if _tf32(activations.device) else 0.0
-    if use_triton(activations, grad_outputs):
+    if use_triton(activations, grad_outputs) if triton is None else triton:
         half = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
         same = activations.dtype == grad_outputs.dtype
         if same and activations.dtype in half and activations.is_cuda:
@@ -330,9 +333,13 @@ def _magnitudes(activations, grad_outputs, method) -> tuple[tuple[torch.Tensor, 
 
 
 def certified_weight_norm_sq(
-    activations: torch.Tensor, grad_outputs: torch.Tensor, method: str | None = None
+    activations: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    method: str | None = None,
+    triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(certified ||G_i^T A_i||_F^2, S_i >= sum_t ||a_t|| ||g_t||), both (B,) float64."""
+    """(certified ||G_i^T A_i||_F^2, S_i >= sum_t ||a_t|| ||g_t||), both (B,) float64;
+    ``triton``: the backend decision if the caller has it (None: ask dispatch)."""
     _check(activations, grad_outputs)
     batch, n_tokens, d_in = activations.shape
     d_out = grad_outputs.shape[2]
@@ -343,7 +350,7 @@ def certified_weight_norm_sq(
         method = choose_method(batch, n_tokens, d_in, d_out)
     if method not in METHODS:
         raise ValueError(f"unknown per-sample norm method {method!r}; use one of {METHODS}")
-    if use_triton(activations, grad_outputs):
+    if use_triton(activations, grad_outputs) if triton is None else triton:
         mags, s = _magnitudes(activations, grad_outputs, method)
         norms = _triton_certified(activations, grad_outputs, method, mags, s)
         if norms is not None:
@@ -360,9 +367,10 @@ def clipped_weight_bound_sq(
     """(B,) float64 bound on ||G~_i^T A~_i||_F^2 / c_i^2, what the clipped GEMM adds per unit of
     clip factor: (sqrt(certified N_i) + rho S_i)^2; ``rho`` None: ``clipped_gemm_rounding``
     (a caller whose GEMM rounds its operands differently passes its own)."""
-    norms, s = certified_weight_norm_sq(activations, grad_outputs, method)
+    triton = use_triton(activations, grad_outputs)  # once: it reads the environment
+    norms, s = certified_weight_norm_sq(activations, grad_outputs, method, triton)
     if rho is None:
-        rho = clipped_gemm_rounding(activations, grad_outputs)
+        rho = clipped_gemm_rounding(activations, grad_outputs, triton)
     return norms.sqrt().add_(s, alpha=rho).square_().mul_(_inflate(4))
 
 
@@ -378,13 +386,18 @@ def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
     if n_tokens == 1:
         root = row_norms(grad_outputs).squeeze(1) * _inflate(n_all)
         return (root * (1.0 + U32)).square() * _inflate(4)
-    mags = frobenius_bounds(grad_outputs) * math.sqrt(n_tokens)
+    mags = frobenius_bounds(grad_outputs)
     block = _BIAS_BLOCK if n_tokens > _BIAS_BLOCK else n_tokens
     summed = _block_sums(grad_outputs, block)  # float32 sums of <= block tokens
-    root = torch.linalg.vector_norm(summed.sum(1, dtype=torch.float64), dim=1) * _inflate(n_all)
+    if summed.shape[1] > 1:
+        summed = summed.sum(1, dtype=torch.float64)
+    else:
+        summed = summed.squeeze(1)
+    root = torch.linalg.vector_norm(summed, dim=1, dtype=torch.float64)
     u_w = U64 if grad_outputs.dtype == torch.float64 else U32
-    slack = gamma(block, u_w) + gamma(n_tokens, U64) * 2 + U32
-    return (root + slack * mags).square() * _inflate(4)
+    slack = (gamma(block, u_w) + gamma(n_tokens, U64) * 2 + U32) * math.sqrt(n_tokens)
+    inflate = _inflate(n_all)
+    return root.mul_(inflate).add_(mags, alpha=slack * inflate).square_().mul_(_inflate(4))
 
 
 _BIAS_BLOCK = 64
