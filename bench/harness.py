@@ -309,6 +309,21 @@ def measure_point(
     return rows
 
 
+def _fallback_note(names: list[str]) -> str:
+    """'on the fallback: 9 LlamaRMSNorm (e.g. model.norm)' from ``name (Type)`` entries."""
+    if not names:
+        return "no module on the fallback"
+    by_kind: dict[str, list[str]] = {}
+    for entry in names:
+        name, kind = entry.rsplit(" ", 1)
+        by_kind.setdefault(kind.strip("()"), []).append(name)
+    parts = [
+        f"{found[0]} ({kind})" if len(found) == 1 else f"{len(found)} {kind} (e.g. {found[0]})"
+        for kind, found in by_kind.items()
+    ]
+    return "on the fallback: " + ", ".join(parts)
+
+
 def measure_fallback(
     spec: ModelSpec,
     cfg: RunConfig,
@@ -331,7 +346,7 @@ def measure_fallback(
         env, model=spec.name, mode=cfg.mode, batch_size=spec.batch_size, seq_len=spec.seq_len
     )
     names = fallback_modules(spec.build())
-    note = ("on the fallback: " + ", ".join(names)) if names else "no module on the fallback"
+    note = _fallback_note(names)
     if not names:
         zero = (0.0,) * 3
         return [
