@@ -15,7 +15,7 @@ from fastdp.models import mlp
 from fastdp.theory.experiments import cli, sweep
 from fastdp.theory.experiments.cifar10 import TRAIN_FILES, load_cifar10
 from fastdp.theory.experiments.data import ArrayDataset, load_dataset
-from fastdp.theory.experiments.protocol import ALGORITHMS, KEY_COLUMNS, SweepConfig
+from fastdp.theory.experiments.protocol import ALGORITHMS, KEY_COLUMNS, REMEDIES, SweepConfig
 from fastdp.theory.experiments.results import (
     RESULTS_FILE,
     paired_differences,
@@ -235,3 +235,63 @@ def test_quick_sweep_end_to_end(tmp_path):
     assert list(tmp_path.glob("mnist1d_n400_seed42.npz"))  # the generated arrays are cached
     assert cli.main(argv) == 0 and len(read_rows(out / RESULTS_FILE)) == 18  # nothing rerun
     assert cli.main(["report", str(out), "--batch-sizes", "16", "32"]) == 0
+
+
+# ---- remedies (issue 13) ------------------------------------------------------------------
+def test_remedies_keep_sigma_over_b_and_scale_lr_only_where_asked():
+    config = TOY.replace(remedies=tuple(REMEDIES), lr_ref_batch=8, lrs=(("dp_sgd", 2.0),))
+    runs = config.runs()
+    assert len(runs) == len(REMEDIES) * 3 * 3 * 2
+    for run in runs:
+        assert run.sigma == config.sigma(run.algorithm, run.batch_size)
+        assert run.steps == config.steps
+        base_lr = 2.0 if run.algorithm == "dp_sgd" else config.lr
+        assert run.lr == base_lr
+        ratio = run.batch_size / 8
+        expected = {"lr_linear_warmup": ratio, "lr_sqrt": math.sqrt(ratio)}.get(run.remedy, 1.0)
+        assert run.lr_at(run.steps - 1) == pytest.approx(base_lr * expected)
+        if run.remedy == "lr_linear_warmup":  # warm-up over 10% of S (at least one step)
+            assert run.lr_at(0) < run.lr_at(run.steps - 1) or run.steps * 0.1 <= 1
+    keys = [r.key() for r in runs]
+    assert len(set(keys)) == len(keys)
+    baseline = TOY.runs()[0]
+    assert baseline.identity()["remedy"] == "" and baseline.label == baseline.algorithm
+    with pytest.raises(ValueError, match="unknown remedies"):
+        TOY.replace(remedies=("magic",))
+
+
+def test_multiplicity_run_trains_on_views():
+    train, test = _toy_data()
+    config = TOY.replace(remedies=("mult4",), batch_sizes=(16,), steps=3)
+    spec = config.runs()[0]
+    assert spec.fix.views == 4 and spec.fix.augment
+    seen = []
+    model = mlp(40, hidden=16, depth=1)
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    result = train_run(spec, train, test, lambda: model)
+    assert 0.0 <= result.test_accuracy <= 1.0
+    training_rows = [r for r in seen if r % 4 == 0 and r != len(test)]
+    assert training_rows and all(r % 4 == 0 for r in training_rows)
+
+
+def test_quick_remedies_end_to_end(tmp_path):
+    out = tmp_path / "remedies"
+    argv = ["remedies", "--quick", "--out", str(out), "--cache-dir", str(tmp_path)]
+    argv += ["--num-samples", "400", "--batch-sizes", "8", "32", "--steps", "6"]
+    argv += ["--seeds", "2", "--no-progress", "--lr-for", "noisy_sgd=0.3"]
+    assert cli.main(argv) == 0
+    rows = read_rows(out / RESULTS_FILE)
+    assert len(rows) == len(REMEDIES) * 2 * 2 * 2  # remedies x B x algorithms x seeds
+    assert {r["remedy"] for r in rows} == {""} | (set(REMEDIES) - {"baseline"})
+    assert {r["lr"] for r in rows if r["algorithm"] == "noisy_sgd"} == {"0.3"}
+    text = (out / "report.md").read_text()
+    assert "## remedies" in text and "noisy_sgd+mult8" in text and "gain at B=32" in text
+
+
+def test_validation_split_holds_out_the_end_of_train():
+    train, _ = _toy_data()
+    fit, held = sweep.validation_split(train, 30)
+    assert len(fit) == len(train) - 30 and len(held) == 30
+    assert torch.equal(held.inputs, train.inputs[-30:])
+    with pytest.raises(ValueError):
+        sweep.validation_split(train, len(train))

@@ -3,6 +3,8 @@
     fastdp experiment batch-sweep --quick --out /tmp/sweep
     fastdp experiment batch-sweep --out DIR --batch-sizes 32 64 128 --steps 1000 --seeds 3
     fastdp experiment report DIR          # redraw plots and report.md from DIR's CSVs
+    fastdp experiment remedies --quick --out /tmp/remedies   # remedies at B = 128 and 1024
+    fastdp experiment batch-sweep --validation 500 --batch-sizes 128 --lr ...  # lr tuning
 
 Options left out take the protocol's defaults (``protocol.SweepConfig``), or with ``--quick``
 the small preset ``protocol.QUICK``; options given explicitly always win.
@@ -14,7 +16,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastdp.theory.experiments.protocol import ALGORITHMS, QUICK, SCHEDULES, SweepConfig
+from fastdp.theory.experiments.protocol import (
+    ALGORITHMS,
+    QUICK,
+    REMEDIES,
+    REMEDY_DEFAULTS,
+    SCHEDULES,
+    SweepConfig,
+)
 
 # argparse dest -> SweepConfig field
 _FIELDS = {
@@ -34,6 +43,9 @@ _FIELDS = {
     "algorithms": "algorithms",
     "eval_points": "eval_points",
     "max_physical_batch_size": "max_physical_batch_size",
+    "remedies": "remedies",
+    "lr_ref_batch": "lr_ref_batch",
+    "validation": "validation",
 }
 
 
@@ -44,6 +56,22 @@ def _parser() -> argparse.ArgumentParser:
         "batch-sweep",
         help="accuracy against B at fixed sigma/B and steps (sgd, noisy_sgd, dp_sgd)",
     )
+    _sweep_options(sweep)
+    remedies = sub.add_parser(
+        "remedies",
+        help="batch-sweep with the large-B remedies (multiplicity, lr scaling) by default, "
+        "at B = 128 and 1024 for sgd and noisy_sgd",
+    )
+    _sweep_options(remedies)
+    again = sub.add_parser("report", help="redraw plots and report.md from a sweep folder")
+    again.add_argument("out", help="a batch-sweep output folder")
+    again.add_argument(
+        "--batch-sizes", type=int, nargs="+", help="only these B (e.g. the paper's 128..1024)"
+    )
+    return parser
+
+
+def _sweep_options(sweep: argparse.ArgumentParser) -> None:
     sweep.add_argument("--quick", action="store_true", help="small preset (minutes on CPU)")
     sweep.add_argument("--out", default=None, help="output folder (resumable; reuse to resume)")
     sweep.add_argument("--dataset", choices=("mnist1d", "cifar10"))
@@ -69,21 +97,38 @@ def _parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on shared cores)"
     )
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    again = sub.add_parser("report", help="redraw plots and report.md from a sweep folder")
-    again.add_argument("out", help="a batch-sweep output folder")
-    again.add_argument(
-        "--batch-sizes", type=int, nargs="+", help="only these B (e.g. the paper's 128..1024)"
+    sweep.add_argument("--remedies", nargs="+", choices=tuple(REMEDIES), help="remedies to run")
+    sweep.add_argument("--lr-ref-batch", type=int, help="B_ref of the remedies' lr scaling")
+    sweep.add_argument(
+        "--lr-for",
+        nargs="+",
+        metavar="ALG=LR",
+        help="per-algorithm learning rates (tuned), e.g. sgd=0.5 dp_sgd=4",
     )
-    return parser
+    sweep.add_argument(
+        "--validation", type=int, help="hold out the last N training samples as the test set"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """SweepConfig from the defaults, the --quick preset, then the explicit options."""
-    values: dict = dict(QUICK) if args.quick else {}
+    values: dict = dict(REMEDY_DEFAULTS) if args.command == "remedies" else {}
+    if args.quick:
+        values.update(QUICK)
+        if args.command == "remedies":
+            values["batch_sizes"] = (16, 128)
     for dest, name in _FIELDS.items():
         value = getattr(args, dest, None)
         if value is not None:
             values[name] = tuple(value) if isinstance(value, list) else value
+    if getattr(args, "lr_for", None):
+        pairs = []
+        for item in args.lr_for:
+            algorithm, _, lr = item.partition("=")
+            if algorithm not in ALGORITHMS or not lr:
+                raise ValueError(f"--lr-for takes ALG=LR with ALG in {ALGORITHMS}, got {item!r}")
+            pairs.append((algorithm, float(lr)))
+        values["lrs"] = tuple(pairs)
     return SweepConfig(**values)
 
 
@@ -126,7 +171,7 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"fastdp experiment batch-sweep: {err}", file=sys.stderr)
         return 2
-    out = args.out or ("batch-sweep-quick" if args.quick else "batch-sweep")
+    out = args.out or (f"{args.command}-quick" if args.quick else args.command)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, args.threads))
     try:

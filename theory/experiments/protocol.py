@@ -21,9 +21,43 @@ from dataclasses import dataclass
 ALGORITHMS = ("sgd", "noisy_sgd", "dp_sgd")
 SCHEDULES = ("constant", "cosine")
 
+
+@dataclass(frozen=True)
+class Remedy:
+    """A change to a run at large B that keeps sigma/B, S and the sampled samples (issue 13).
+
+    ``views`` K > 1: augmentation multiplicity (De et al. 2022), each sample's gradient the
+    mean over K augmented views (``make_private(augmentation_multiplicity=K)``); ``augment``:
+    MNIST-1D augmentations (shift, scale, noise) on every view; ``lr_scaling``: the lr
+    multiplied by B / B_ref ("linear", Goyal et al. 2017) or sqrt(B / B_ref) ("sqrt",
+    Krizhevsky 2014, Hoffer et al. 2017), B_ref = ``SweepConfig.lr_ref_batch``; ``warmup``:
+    linear warm-up over that fraction of S.
+    """
+
+    views: int = 1
+    augment: bool = False
+    lr_scaling: str = "none"
+    warmup: float = 0.0
+
+
+REMEDIES = {
+    "baseline": Remedy(),
+    "augment": Remedy(augment=True),  # the control: augmentation alone, one view
+    "mult4": Remedy(views=4, augment=True),
+    "mult8": Remedy(views=8, augment=True),
+    "lr_linear_warmup": Remedy(lr_scaling="linear", warmup=0.1),
+    "lr_sqrt": Remedy(lr_scaling="sqrt"),
+}
+
 # Defaults of the full CPU sweep (see README.md for why these values).
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
 DEFAULT_NOISE_RATIO = 8e-4
+# `fastdp experiment remedies`: the remedies at the two ends of the paper's range.
+REMEDY_DEFAULTS = {
+    "batch_sizes": (128, 1024),
+    "algorithms": ("sgd", "noisy_sgd"),
+    "remedies": tuple(REMEDIES),
+}
 # --quick: the same protocol at a size that runs in a few minutes on two shared cores.
 QUICK = {
     "num_samples": 10_000,
@@ -54,8 +88,19 @@ class SweepConfig:
     algorithms: tuple[str, ...] = ALGORITHMS
     eval_points: int = 10
     max_physical_batch_size: int = 256
+    remedies: tuple[str, ...] = ("baseline",)
+    lr_ref_batch: int = 128  # B_ref of the remedies' lr scaling
+    lrs: tuple[tuple[str, float], ...] = ()  # per-algorithm lr (tuned), else ``lr``
+    validation: int = 0  # > 0: hold out the last N training samples and test on them
 
     def __post_init__(self) -> None:
+        unknown_remedies = set(self.remedies) - set(REMEDIES)
+        if unknown_remedies:
+            raise ValueError(
+                f"unknown remedies {sorted(unknown_remedies)}; use {', '.join(REMEDIES)}"
+            )
+        if self.validation < 0:
+            raise ValueError(f"validation must be >= 0, got {self.validation}")
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if self.steps < 1 or self.seeds < 1:
@@ -77,6 +122,9 @@ class SweepConfig:
         """Noise multiplier of one run: 0 for sgd, noise_ratio * B otherwise."""
         return 0.0 if algorithm == "sgd" else self.noise_ratio * batch_size
 
+    def lr_for(self, algorithm: str) -> float:
+        return dict(self.lrs).get(algorithm, self.lr)
+
     def runs(self) -> list[RunSpec]:
         """Seed-major order, so an interrupted sweep already covers every B for seed 0."""
         return [
@@ -86,11 +134,13 @@ class SweepConfig:
                 sigma=self.sigma(algorithm, int(batch)),
                 steps=self.steps,
                 seed=seed,
-                lr=self.lr,
+                lr=self.lr_for(algorithm),
                 config=self,
+                remedy=remedy,
             )
             for seed in range(self.seeds)
             for batch in sorted(self.batch_sizes)
+            for remedy in self.remedies
             for algorithm in self.algorithms
         ]
 
@@ -106,16 +156,32 @@ class RunSpec:
     seed: int
     lr: float
     config: SweepConfig
+    remedy: str = "baseline"
 
     @property
     def clipping(self) -> str:
         return "flat" if self.algorithm == "dp_sgd" else "none"
 
+    @property
+    def fix(self) -> Remedy:
+        return REMEDIES[self.remedy]
+
+    @property
+    def label(self) -> str:
+        """algorithm, or algorithm+remedy: the row label of the reports."""
+        return self.algorithm if self.remedy == "baseline" else f"{self.algorithm}+{self.remedy}"
+
     def lr_at(self, step: int) -> float:
-        """Learning rate of logical step ``step`` (0-based), identical for every B."""
+        """Learning rate of logical step ``step`` (0-based): identical for every B unless the
+        remedy scales it with B (and warms it up)."""
+        fix = self.fix
+        ratio = self.batch_size / self.config.lr_ref_batch
+        scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[fix.lr_scaling]
+        if fix.warmup > 0:
+            scale *= min(1.0, (step + 1) / max(1.0, fix.warmup * self.steps))
         if self.config.schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
-        return self.lr
+            return self.lr * scale * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+        return self.lr * scale
 
     def eval_steps(self) -> list[int]:
         """Logical steps after which the test accuracy is recorded (the last is S)."""
@@ -145,6 +211,9 @@ class RunSpec:
             "schedule": cfg.schedule,
             "ema": fmt(cfg.ema),
             "max_grad_norm": fmt(cfg.max_grad_norm),
+            # new columns, empty at their defaults so older results.csv keys still match
+            "remedy": "" if self.remedy == "baseline" else self.remedy,
+            "validation": fmt(cfg.validation) if cfg.validation else "",
         }
 
 
@@ -163,6 +232,8 @@ KEY_COLUMNS = (
     "schedule",
     "ema",
     "max_grad_norm",
+    "remedy",
+    "validation",
 )
 
 

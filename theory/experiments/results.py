@@ -66,8 +66,11 @@ def finished_keys(out_dir: str | Path) -> set[tuple[str, ...]]:
 
 def _append(path: Path, columns: tuple[str, ...], rows: Iterable[dict[str, str]]) -> None:
     new = not path.is_file() or path.stat().st_size == 0
+    if not new:  # a file written before columns were added keeps its header
+        with open(path, newline="") as handle:
+            columns = tuple(next(csv.reader(handle)))
     with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
@@ -110,8 +113,14 @@ def group(
         value = float(row.get(metric) or "nan")
         if math.isnan(value):
             continue
-        table[row["algorithm"]][int(row["batch_size"])][int(row["seed"])] = value
+        table[row_label(row)][int(row["batch_size"])][int(row["seed"])] = value
     return {a: dict(by_b) for a, by_b in table.items()}
+
+
+def row_label(row: dict[str, str]) -> str:
+    """algorithm, or algorithm+remedy for a remedy run."""
+    remedy = row.get("remedy") or ""
+    return row["algorithm"] if not remedy else f"{row['algorithm']}+{remedy}"
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
@@ -209,6 +218,60 @@ def paired_differences(
     return out
 
 
-def algorithm_order(name: str) -> int:
+def algorithm_order(name: str) -> tuple[int, int, str]:
     order = ("sgd", "noisy_sgd", "dp_sgd")
-    return order.index(name) if name in order else len(order)
+    base, _, remedy = name.partition("+")
+    return (order.index(base) if base in order else len(order), bool(remedy), name)
+
+
+def t_interval(values: Iterable[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% Student-t interval of the mean (nan below two values)."""
+    array = np.asarray(list(values), dtype=float)
+    if array.size < 2:
+        mean = float(array.mean()) if array.size else math.nan
+        return mean, math.nan, math.nan
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, array.size - 1) * array.std(ddof=1) / math.sqrt(array.size)
+    return float(array.mean()), float(array.mean() - half), float(array.mean() + half)
+
+
+def remedy_report(rows: list[dict[str, str]], metric: str = "ema_test_accuracy") -> str:
+    """Per algorithm+remedy, paired by seed with the algorithm's baseline: the gain at the
+    largest B, the deficit (largest B minus smallest B, within the same label), and the
+    slope per doubling; 95% t-intervals over seeds (points)."""
+    table = group(rows, metric)
+    if not table:
+        return f"(no {metric} values)"
+    batches = sorted({b for by_b in table.values() for b in by_b})
+    small, large = batches[0], batches[-1]
+    lines = [
+        f"| run | B={small} | B={large} | deficit B={large} - B={small} | "
+        f"gain at B={large} vs baseline (paired) | slope / doubling |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def cell(values) -> str:
+        mean, low, high = t_interval(values)
+        if math.isnan(low):
+            return f"{100 * mean:+.2f}"
+        return f"{100 * mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+    for label in sorted(table, key=algorithm_order):
+        by_b = table[label]
+        base = table.get(label.partition("+")[0], {})
+        lo, hi = by_b.get(small, {}), by_b.get(large, {})
+        deficit = [hi[s] - lo[s] for s in hi if s in lo]
+        gain = [v - base[large][s] for s, v in hi.items() if s in base.get(large, {})]
+        slopes = []
+        for seed in sorted({s for per in by_b.values() for s in per}):
+            points = {b: {seed: per[seed]} for b, per in by_b.items() if seed in per}
+            if len(points) > 1:
+                slopes.append(slope_per_doubling(points, resamples=0)["slope"])
+        means = [f"{100 * mean_std(d.values())[0]:.2f}" if d else "-" for d in (lo, hi)]
+        gain_cell = cell(gain) if "+" in label and gain else "-"
+        lines.append(
+            f"| {label} | {means[0]} | {means[1]} | {cell(deficit) if deficit else '-'} | "
+            f"{gain_cell} | {cell(slopes) if slopes else '-'} |"
+        )
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ from fastdp.theory.experiments.results import (
     append_result,
     finished_keys,
     read_rows,
+    remedy_report,
     report,
 )
 from fastdp.theory.experiments.train import train_run
@@ -60,6 +61,8 @@ def run_sweep(
             data_dir=data_dir,
             cache_dir=cache_dir,
         )
+        if config.validation:  # lr tuning: hold out the end of the training set
+            train, test = validation_split(train, config.validation)
         print(f"data: {config.dataset}, {len(train)} train / {len(test)} test; model {model_name}")
         if device != "cpu":  # keep the arrays on the accelerator: batches are gathered there
             train, test = (
@@ -69,7 +72,7 @@ def run_sweep(
     if todo:
         outer = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not progress)
         for spec in todo:
-            label = f"{spec.algorithm} B={spec.batch_size} seed={spec.seed}"
+            label = f"{spec.label} B={spec.batch_size} seed={spec.seed}"
             outer.set_description(label)
             with tqdm(total=spec.steps, leave=False, disable=not progress, desc="steps") as bar:
                 result = train_run(
@@ -90,9 +93,24 @@ def run_sweep(
     text = "## test accuracy (%)\n\n" + report(rows)
     if config.ema > 0:
         text += "\n\n## EMA test accuracy (%)\n\n" + report(rows, "ema_test_accuracy")
+    if len(config.remedies) > 1:
+        metric = "ema_test_accuracy" if config.ema > 0 else "test_accuracy"
+        text += f"\n\n## remedies ({metric}, points; 95% t-intervals over seeds)\n\n"
+        text += remedy_report(rows, metric)
     (out / "report.md").write_text(text + "\n")
     print(text)
     return rows
+
+
+def validation_split(train: ArrayDataset, size: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train without its last ``size`` samples, those samples): the split lr is tuned on."""
+    if not 0 < size < len(train):
+        raise ValueError(f"validation must be in (0, {len(train)}), got {size}")
+    cut = len(train) - size
+    return (
+        ArrayDataset(train.inputs[:cut], train.labels[:cut]),
+        ArrayDataset(train.inputs[cut:], train.labels[cut:]),
+    )
 
 
 def _provenance() -> dict[str, str]:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fastdp
+from fastdp.datasets import MNIST1DAugment
 from fastdp.theory.experiments.data import collate
 from fastdp.theory.experiments.protocol import RunSpec
 
@@ -105,6 +106,8 @@ def train_run(
     model = build_model().to(device)
     base = torch.optim.SGD(model.parameters(), lr=spec.lr_at(0), momentum=cfg.momentum)
     engine = fastdp.PrivacyEngine(accountant="prv" if spec.sigma >= PRV_MIN_SIGMA else "rdp")
+    fix = spec.fix
+    augment = MNIST1DAugment(seed=spec.seed) if fix.augment else None
     model, optimizer, loader = engine.make_private(
         module=model,
         optimizer=base,
@@ -115,6 +118,8 @@ def train_run(
         poisson_sampling=True,
         max_physical_batch_size=cfg.max_physical_batch_size,
         seed=spec.seed,
+        augmentation_multiplicity=fix.views,
+        augment=augment,
     )
     ema = WeightEMA(optimizer.params, cfg.ema) if cfg.ema > 0 else None
     checkpoints = set(spec.eval_steps())
