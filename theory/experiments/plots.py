@@ -27,6 +27,7 @@ from fastdp.theory.experiments.results import (  # noqa: E402
     group,
     mean_std,
     read_rows,
+    row_label,
 )
 
 COLORS = {"sgd": "tab:blue", "noisy_sgd": "tab:orange", "dp_sgd": "tab:green"}
@@ -87,7 +88,7 @@ def plot_accuracy_vs_step(
     # (algorithm, B, seed, step) -> accuracy, later rows winning (a rerun after a crash).
     points: dict[tuple[str, int, int, int], float] = {}
     for row in curve_rows:
-        key = (row["algorithm"], int(row["batch_size"]), int(row["seed"]), int(row["step"]))
+        key = (row_label(row), int(row["batch_size"]), int(row["seed"]), int(row["step"]))
         points[key] = float(row[metric])
     algorithms = sorted({k[0] for k in points}, key=algorithm_order)
     batches = sorted({k[1] for k in points})
@@ -146,3 +147,39 @@ def plot_dir(out_dir: str | Path, keys: set[tuple[str, ...]] | None = None) -> l
         plot_accuracy_vs_step(curves, out / "accuracy_vs_step_ema.png", "ema_test_accuracy")
         written.append(out / "accuracy_vs_step_ema.png")
     return written
+
+
+# The paper's ImageNet top-1 (Sander et al. 2024, NF-ResNet, S = 72k, sigma/B = 6e-4).
+PAPER_IMAGENET = {
+    "batch_sizes": (128, 256, 512, 1024),
+    "noisy_sgd": (59.8, 57.2, 54.3, 50.8),
+    "sgd": (59.3, 56.5, 54.0, 50.7),
+}
+
+
+def plot_against_paper(
+    rows: list[dict[str, str]], path: str | Path, metric: str = "ema_test_accuracy"
+) -> None:
+    """Accuracy minus its value at the smallest B, against B: the paper's ImageNet numbers
+    beside this sweep's sgd and noisy_sgd (mean over seeds), so the slopes compare."""
+    table = group(rows, metric)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for algorithm, style in (("sgd", "-"), ("noisy_sgd", "--")):
+        paper = np.array(PAPER_IMAGENET[algorithm])
+        ax.plot(PAPER_IMAGENET["batch_sizes"], paper - paper[0], style, color="gray",
+                marker="s", label=f"paper ImageNet {algorithm}")  # fmt: skip
+        by_b = table.get(algorithm, {})
+        batches = sorted(by_b)
+        if not batches:
+            continue
+        means = np.array([100 * mean_std(by_b[b].values())[0] for b in batches])
+        ax.plot(batches, means - means[0], style, color=COLORS[algorithm], marker="o",
+                label=f"MNIST-1D {algorithm}")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("batch size B (sigma/B and S fixed)")
+    ax.set_ylabel("accuracy change from the smallest B (points)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
