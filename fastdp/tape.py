@@ -258,6 +258,13 @@ class Tape:
         self.invalid_reason = None
         self.dropped = 0
 
+    def batch_rows(self) -> int | None:
+        """Rows of the current forward pass: the private loader's micro-batch size, else the
+        leading dimension the pass's first handled layer saw (None before any)."""
+        if self.expected_batch is not None:
+            return self.expected_batch
+        return None if self._pass_batch is None else self._pass_batch[1]
+
     def pending(self) -> bool:
         """Whether backward passes of an unfinished micro-batch were recorded."""
         return bool(self._recorded)

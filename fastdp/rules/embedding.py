@@ -65,9 +65,9 @@ def embedding_norm_sq(
 
 
 def _micro_batch(module: nn.Module) -> int | None:
-    """The micro-batch size the tape expects (set by the private loader), if routed."""
+    """The rows of the current forward pass (the tape's ``batch_rows``), if routed."""
     tape = getattr(module.__dict__.get("forward"), "tape", None)
-    return getattr(tape, "expected_batch", None)
+    return None if tape is None else tape.batch_rows()
 
 
 @register_rule(nn.Embedding)
