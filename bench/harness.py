@@ -5,7 +5,8 @@ block of ``inner`` steps per provider, in an order rotated every round (interlea
 drifts of the machine (other processes, clocks) hit every provider alike. Blocks are timed
 with ``time.perf_counter`` on CPU and CUDA events on GPU. Reported: median, p20 and p80 over
 the rounds of the per-step time, of samples/s, and of the ratio to ``torch`` formed round by
-round (the ratio of two blocks measured seconds apart).
+round (the ratio of two blocks measured seconds apart); likewise every fastdp provider's ratio
+to ``opacus-hooks`` where that ran.
 
 Memory. On GPU: ``torch.cuda.max_memory_allocated`` minus the allocation before the provider
 was built. On CPU: the peak RSS delta of the process (VmHWM - VmRSS from /proc/self/status)
@@ -301,6 +302,11 @@ def measure_point(
         if base_times:
             ratios = [a / b for a, b in zip(t, base_times)]
             rows.append(make_row(common, provider, "ratio_time", "x", quantiles(ratios), n, note))
+        hooks = times.get("opacus-hooks", [])
+        if provider.startswith("fastdp-") and hooks and len(hooks) == n:
+            # fastdp / Opacus hooks formed round by round (the two blocks of one round)
+            paired = quantiles(a / b for a, b in zip(t, hooks))
+            rows.append(make_row(common, provider, "ratio_opacus_hooks", "x", paired, n, note))
         mem = memory.get(provider, float("nan"))
         rows.append(make_row(common, provider, "peak_mem", "MiB", (mem / MIB,) * 3, 1, note))
         if np.isfinite(base_mem) and base_mem > 0:

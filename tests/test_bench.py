@@ -270,3 +270,16 @@ def test_cli_skips_transformers_models_when_absent(tmp_path, capsys, monkeypatch
 
 def test_zoo_alias_expands():
     assert cli._model_names("zoo,mlp,gpt2") == [*zoo.ZOO, "mlp"]
+
+
+def test_flat_against_opacus_is_paired_per_round(mlp_rows):
+    paired = {r["provider"]: r for r in mlp_rows if r["metric"] == "ratio_opacus_hooks"}
+    assert set(paired) == {"fastdp-flat", "fastdp-none"}
+    assert paired["fastdp-flat"]["p20"] <= paired["fastdp-flat"]["median"] > 0
+    (line,) = [t for t in report.targets(mlp_rows) if "opacus-hooks" in t[0]]
+    assert "flat/hooks" in line[1] and line[2].split()[0] in ("met", "**MISSED**")
+    failed = [r for r in mlp_rows if r["provider"] != "opacus-hooks"]
+    failed.append(dict(mlp_rows[0], provider="opacus-hooks", metric="error", note="stack x"))
+    failed = [r for r in failed if r["metric"] != "ratio_opacus_hooks"]
+    (line,) = [t for t in report.targets(failed) if "opacus-hooks" in t[0]]
+    assert line[2] == "unsupported" and "stack x" in line[1]
