@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastdp.kernels.rounding import ACCUMULATION_SLACK
 from fastdp.rules import Record, rule_for
 
 MODES = ("flat", "per_layer", "automatic", "none")
@@ -75,7 +76,7 @@ class FlatClipping(ClippingStrategy):
 
     def __init__(self, max_grad_norm: float) -> None:
         self.max_grad_norm = max_grad_norm
-        self.sensitivity = max_grad_norm
+        self.sensitivity = max_grad_norm * (1.0 + ACCUMULATION_SLACK)
         self.tied: list = []
         self.records: list[Record] = []
         self.norm_sq: torch.Tensor | None = None
@@ -169,7 +170,8 @@ class PerLayerClipping(_InBackward):
     def __init__(self, thresholds: dict[str, float]) -> None:
         super().__init__()
         self.thresholds = thresholds
-        self.sensitivity = math.sqrt(sum(c * c for c in thresholds.values()))
+        total = math.sqrt(sum(c * c for c in thresholds.values()))
+        self.sensitivity = total * (1.0 + ACCUMULATION_SLACK)
 
     def on_layer(self, record: Record, tape) -> None:
         rule = rule_for(record.module)

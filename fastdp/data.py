@@ -115,6 +115,39 @@ def _repeat_rows(batch, n_samples: int, views: int):
     return batch
 
 
+def _augment_per_sample(augment: Callable, batch, n_samples: int, views: int):
+    """``augment`` called on each sample's ``views`` rows separately, the results stacked in
+    order: whatever the transform does, a sample's views depend on that sample alone."""
+    rows = n_samples * views
+    parts = [
+        augment(_rows(batch, rows, slice(i * views, (i + 1) * views))) for i in range(n_samples)
+    ]
+    return _stack(parts, views)
+
+
+def _rows(batch, rows: int, span: slice):
+    if isinstance(batch, torch.Tensor):
+        return batch[span] if batch.dim() and batch.shape[0] == rows else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_rows(b, rows, span) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _rows(v, rows, span) for k, v in batch.items()}
+    return batch
+
+
+def _stack(parts: list, views: int):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() and first.shape[0] == views:
+            return torch.cat(parts)
+        return first
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack([p[k] for p in parts], views) for k in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _stack([p[k] for p in parts], views) for k in first}
+    return first
+
+
 class DPDataLoader:
     """Yields physical micro-batches of logical batches and tells the optimizer which
     micro-batch closes each logical batch (``optimizer.signal_micro_batch``)."""
@@ -189,12 +222,13 @@ class DPDataLoader:
 
     def with_views(self, batch, n_samples: int):
         """Every tensor of ``batch`` with ``n_samples`` rows repeated K times, grouped by sample
-        (row i*K + k is view k of sample i), then ``augment`` applied to the whole batch."""
+        (row i*K + k is view k of sample i), then ``augment`` applied to each sample's K rows
+        on their own (a batch-level transform such as mixup would mix samples)."""
         views = self.views
         if views > 1:
             batch = _repeat_rows(batch, n_samples, views)
         if self.augment is not None and n_samples:
-            batch = self.augment(batch)
+            batch = _augment_per_sample(self.augment, batch, n_samples, views)
         return batch
 
     @property

@@ -7,16 +7,18 @@ the same size: a sequence-first layer on (T, B, d), or a positional embedding ca
 arange(T) and broadcast over the batch, passes it whenever T == B, and then mixes samples in
 one per-"sample" gradient (a sensitivity of several C). So the first training pass of every
 input signature is followed by a probe: the same model, under ``torch.no_grad()``, in eval
-mode (no dropout) and with the RNG state restored afterwards, run twice: on the batch, and
-on B' samples made of the batch's rows repeated (index j -> j mod B), where B' >= 2 differs
-from the batch size, is not a multiple of it, and differs from every dimension the layers
-and inputs showed. Two things are checked:
+mode with dropout switched off, and with the RNG state restored afterwards, run three
+times: on the batch; on B' samples made of the batch's rows shifted and repeated (row j is
+sample (j + 1) mod B), where B' >= 2 differs from the batch size, is not a multiple of it, and
+differs from every dimension the layers and inputs showed; and on one sample alone. Checked:
 - every handled layer's leading dimension follows B' (else it is not batch-first and is
   refused by name);
-- the model's per-sample outputs do not depend on the other samples: output row j of the
-  second pass equals output row j mod B of the first. Batch statistics computed by plain
-  tensor code (``F.batch_norm(..., training=True)``, ``x - x.mean(0)``, in-model mixup) fail
-  this, since the repeated rows change every batch statistic.
+- the model's per-sample outputs do not depend on the other samples: each row of the second
+  and third passes equals the first pass's row of the same sample. Batch statistics computed
+  by plain tensor code (``F.batch_norm(..., training=True)``, ``x - x.mean(0)``, ``x -
+  x[:1]``, absmax scaling, in-model mixup) fail this: the shifted, repeated rows change the
+  batch, and a sample alone has no batch. Random ops other than dropout (stochastic depth)
+  make the passes differ too and are refused by the same check: turn them off.
 A loss that mixes samples (a contrastive loss over the batch) is outside the model and
 cannot be probed: the loss must be a sum or mean of per-sample terms (README).
 """
@@ -36,6 +38,7 @@ class BatchAxisProbe:
         self.batch: int | None = None
         self._signatures: set[str] = set()
         self._dims: set[int] = set()
+        self._seen: list = []  # (args, kwargs, output) of each handled layer in a probe pass
 
     def note_shape(self, output: torch.Tensor) -> None:
         """Remember the non-leading dimensions a layer produced in the training pass."""
@@ -64,23 +67,31 @@ class BatchAxisProbe:
             for k in range(2, 2 * batch + len(dims) + 3)
             if k not in dims and k != batch and (batch == 1 or k % batch)
         )
-        index = torch.arange(probe_batch) % batch
+        # every row moves (row j of the probe is sample j + 1 mod B), so no sample keeps its
+        # place as "the first" or "the last" of the batch
+        index = (torch.arange(probe_batch) + 1) % batch
         probe_args, probe_kwargs = _take((args, kwargs), batch, index)
+        lone = torch.tensor([1 % batch])  # one sample alone: nothing to mix with
+        lone_args, lone_kwargs = _take((args, kwargs), batch, lone)
         devices = sorted(
             {t.device.index or 0 for t in _tensors((args, kwargs)) if t.device.type == "cuda"}
         )
-        modes = [(m, m.training) for m in module.modules()]
         saved_expected = self.tape.expected_batch
         self.active = True
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                module.eval()
-                self.batch = batch
-                self.tape.expected_batch = batch
-                reference = module(*args, **kwargs)
-                self.batch = probe_batch
-                self.tape.expected_batch = probe_batch
-                probed = module(*probe_args, **probe_kwargs)
+            # training mode, as in the pass being probed (a module may mix samples only in
+            # training), with dropout switched off so that the passes can be compared
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), _no_dropout():
+                passes = []
+                for size, call_args, call_kwargs in (
+                    (batch, args, kwargs),
+                    (probe_batch, probe_args, probe_kwargs),
+                    (1, lone_args, lone_kwargs),
+                ):
+                    self.batch = self.tape.expected_batch = size
+                    self._seen = []
+                    output = module(*call_args, **call_kwargs)
+                    passes.append([output] + self._seen)
         except ProbeRefusal:
             raise
         except Exception as err:
@@ -92,17 +103,22 @@ class BatchAxisProbe:
                 "with T == B) confuses it: give such inputs a leading batch dimension."
             ) from err
         finally:
-            for m, training in modes:
-                m.training = training
-            self.active, self.batch = False, None
+            self.active, self.batch, self._seen = False, None, []
             self.tape.expected_batch = saved_expected
+        # the model's outputs and every handled layer's inputs and output, call by call: a
+        # statistic that mixes samples shows in a layer's input even where the output hides
+        # it (e.g. a zero weight)
+        reference, probed, alone = passes
         _check_rows(reference, probed, batch, index)
+        if batch > 1:
+            _check_rows(reference, alone, batch, lone)
         self._signatures.add(signature)
 
     def run_layer(self, routed, *args, **kwargs):
         """A handled layer's forward during the probe: the rule's forward (what training
         runs), then the check that the leading dimension followed the probe batch."""
         output, _ = routed.rule.forward(routed.module_ref, *args, **kwargs)
+        self._seen.append((args, kwargs, output))
         if output.shape[0] != self.batch:
             module = routed.module_ref
             raise ProbeRefusal(
@@ -118,6 +134,43 @@ class BatchAxisProbe:
 
 class ProbeRefusal(ValueError):
     """A layer failed the batch-axis probe."""
+
+
+class _no_dropout:
+    """Functional dropout (what nn.Dropout and transformers call) and the attention dropout
+    of scaled_dot_product_attention switched off: the probe compares passes row by row."""
+
+    _NAMES = (
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+    )
+
+    def __enter__(self):
+        functional = torch.nn.functional
+        self.saved = {name: getattr(functional, name) for name in self._NAMES}
+        self.saved["scaled_dot_product_attention"] = sdpa = functional.scaled_dot_product_attention
+        for name in self._NAMES:
+            setattr(functional, name, _identity)
+
+        def no_dropout_sdpa(*args, **kwargs):
+            kwargs["dropout_p"] = 0.0
+            return sdpa(*args, **kwargs)
+
+        functional.scaled_dot_product_attention = no_dropout_sdpa
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.nn.functional, name, fn)
+        return False
+
+
+def _identity(input, *args, **kwargs):
+    return input
 
 
 def _check_rows(reference, probed, batch: int, index: torch.Tensor) -> None:

@@ -82,6 +82,7 @@ from fastdp.kernels.rounding import (
     Arithmetic,
     _inflate,
     _tf32,
+    accumulation_excess,
     diag_norm_bounds,
     frobenius_bounds,
     frobenius_rows_bounds,
@@ -109,14 +110,16 @@ def clipped_gemm_rounding(
     """rho: the clipped GEMM adds c G~^T A~ with |G~ - c G| <= ((1+u32)(1+u_g) - 1)|c G| and
     |A~ - A| <= u_a |A| (its operands, rounded: c * g in float32, then to the dot type), so
     ||c G~^T A~ - c G^T A||_F <= c rho S with S = sum_t ||a_t|| ||g_t||,
-    rho = (1 + u32)(1 + u_g)(1 + u_a) - 1 (exact products, cross-sample accumulation aside).
+    rho = (1 + u32)(1 + u_g)(1 + u_a) - 1; the reduction's own rounding is
+    rounding.accumulation_excess.
 
     torch path: float32 operands (tf32 on CUDA if allowed). Triton: both inputs of one 16-bit
     type -> c * g rounded to it (bf16 2^-8, fp16 2^-11), A exact; else float32/tf32.
     ``triton``: the backend decision if the caller has it (None: ask dispatch).
     """
     u_g = u_a = 2.0**-11 if _tf32(activations.device) else 0.0
-    if use_triton(activations, grad_outputs) if triton is None else triton:
+    triton = use_triton(activations, grad_outputs) if triton is None else triton
+    if triton:
         half = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
         same = activations.dtype == grad_outputs.dtype
         if same and activations.dtype in half and activations.is_cuda:
@@ -387,7 +390,18 @@ def clipped_weight_bound_sq(
     norms, s = certified_weight_norm_sq(activations, grad_outputs, method, triton)
     if rho is None:
         rho = clipped_gemm_rounding(activations, grad_outputs, triton)
-    return norms.sqrt().add_(s, alpha=rho).square_().mul_(_inflate(4))
+    root = norms.sqrt().add_(s, alpha=rho)
+    u_acc = _accumulation_unit(activations, triton)
+    root += accumulation_excess(root, s, activations.shape[1], u_acc)
+    return root.square_().mul_(_inflate(4))
+
+
+def _accumulation_unit(tensor: torch.Tensor, triton: bool) -> float:
+    """Unit roundoff of the clipped gradient's reduction: float64 inputs on the torch path are
+    reduced in float64, else float32 (2^-23 on CUDA: tensor cores may truncate)."""
+    if not triton and tensor.dtype == torch.float64:
+        return U64
+    return 2.0**-23 if tensor.is_cuda else U32
 
 
 def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
@@ -399,7 +413,7 @@ def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
     M = sqrt(T) ||G||_F >= sum_t ||g_t|| (Cauchy-Schwarz; one read of G in memory order)."""
     n_tokens, d_out = grad_outputs.shape[1], grad_outputs.shape[2]
     n_all = n_tokens + d_out
-    if n_tokens == 1:
+    if n_tokens == 1:  # one term per sample: nothing of its own to cancel
         root = row_norms(grad_outputs).squeeze(1) * _inflate(n_all)
         return (root * (1.0 + U32)).square() * _inflate(4)
     mags = frobenius_bounds(grad_outputs)
@@ -413,7 +427,10 @@ def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
     u_w = U64 if grad_outputs.dtype == torch.float64 else U32
     slack = (gamma(block, u_w) + gamma(n_tokens, U64) * 2 + U32) * math.sqrt(n_tokens)
     inflate = _inflate(n_all)
-    return root.mul_(inflate).add_(mags, alpha=slack * inflate).square_().mul_(_inflate(4))
+    root = root.mul_(inflate).add_(mags, alpha=slack * inflate)
+    u_acc = _accumulation_unit(grad_outputs, use_triton(grad_outputs))
+    root += accumulation_excess(root, mags * math.sqrt(n_tokens), n_tokens, u_acc)
+    return root.square_().mul_(_inflate(4))
 
 
 _BIAS_BLOCK = 64

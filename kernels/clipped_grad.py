@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastdp.kernels.dispatch import use_triton
+from fastdp.kernels.rounding import samples_per_call
 
 
 def _check(
@@ -48,11 +49,17 @@ def clipped_linear_grad_torch(
     """Torch reference; see ``clipped_linear_grad``."""
     d_in = activations.shape[2]
     d_out = grad_outputs.shape[2]
-    g = grad_outputs.float()
+    # float64 inputs are reduced in float64 (then added to the float32 buffer once)
+    work = torch.float64 if activations.dtype == torch.float64 else torch.float32
+    g = grad_outputs.to(work)
     if scale is not None:
-        g = g * scale.float()[:, None, None]
-    a = activations.float()
-    out.addmm_(g.reshape(-1, d_out).t(), a.reshape(-1, d_in))
+        g = g * scale.to(work)[:, None, None]
+    a = activations.to(work)
+    rows_g, rows_a = g.reshape(-1, d_out), a.reshape(-1, d_in)
+    if work == torch.float32:
+        out.addmm_(rows_g.t(), rows_a)
+    else:
+        out.add_(rows_g.t() @ rows_a)
     if bias_out is not None:
         bias_out.add_(g.sum((0, 1)))
 
@@ -75,4 +82,11 @@ def clipped_linear_grad(
         from fastdp.kernels import clipped_grad_triton
 
         impl = clipped_grad_triton.clipped_linear_grad
-    impl(activations, grad_outputs, scale, out, bias_out)
+    # whole samples per call, about GEMM_ROW_CHUNK rows: the depth of the float32 reduction a
+    # sample's terms pass through is then fixed by its own T, whatever B is
+    # (kernels/rounding.py: accumulation_depth; the certified norms include it)
+    step = samples_per_call(activations.shape[1])
+    for start in range(0, activations.shape[0], step):
+        end = start + step
+        part = None if scale is None else scale[start:end]
+        impl(activations[start:end], grad_outputs[start:end], part, out, bias_out)

@@ -15,6 +15,47 @@ import torch
 U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
 
 
+GEMM_ROW_CHUNK = 2048  # rows per call of the clipped gradient's reduction (whole samples)
+
+
+def samples_per_call(n_tokens: int) -> int:
+    """Whole samples per call of the clipped gradient's reduction: about GEMM_ROW_CHUNK rows,
+    at least one sample. The calls add their results into the float32 buffer one by one."""
+    return max(1, GEMM_ROW_CHUNK // max(n_tokens, 1))
+
+
+def accumulation_depth(n_tokens: int) -> int:
+    """Longest chain of roundings one sample's terms pass through in the clipped gradient,
+    per unit of its magnitude S = sum_t ||a_t|| ||g_t||: the reduction of one call (any order
+    over its samples_per_call * T rows, any backend), then the add of the call's result into
+    the buffer (+1, +1 for the scaling). A crafted sample can cancel its rows in float32 (+v,
+    tiny rows that round up, -v): see ``accumulation_excess``.
+
+    It depends on the sample's own shape only, never on the batch size: a bound that moved
+    with B would let one sample's presence shift every other sample's clip factor.
+    """
+    return samples_per_call(n_tokens) * n_tokens + 2
+
+
+ACCUMULATION_SLACK = 2.0**-10  # kappa: the clipping strategies' sensitivity is C (1 + kappa)
+
+
+def accumulation_excess(
+    root: torch.Tensor, magnitude: torch.Tensor, n_tokens: int, u_acc: float
+) -> torch.Tensor:
+    """What to add to a sample's certified root (norm of what the clipped gradient adds, before
+    the reduction's own rounding) for that rounding: gamma_depth * S, where S is the sample's
+    magnitude (sum of |terms|) and depth = accumulation_depth(T).
+
+    Where gamma_depth * S <= kappa * root (every honest sample: S / root <= sqrt(T) for
+    independent tokens, and gamma_2050 ~ 1.2e-4) nothing is added: the sample then adds at
+    most (1 + kappa) C, which the strategies' sensitivity C (1 + kappa) and the noise cover.
+    Only a sample whose terms cancel (S >> root, a crafted one) is clipped on root + gamma S.
+    """
+    excess = magnitude * gamma(accumulation_depth(n_tokens), u_acc)
+    return torch.where(excess > ACCUMULATION_SLACK * root, excess, torch.zeros_like(excess))
+
+
 def gamma(n: float, u: float) -> float:
     """gamma_n = n u / (1 - n u) (Higham's constant), inf once n u >= 1/2 (no bound)."""
     nu = n * u

@@ -36,4 +36,3 @@ def check_same_device(*tensors: torch.Tensor) -> torch.device:
         if tensor.device != device:
             raise ValueError(f"tensors on different devices: {device} and {tensor.device}")
     return device
-

@@ -255,12 +255,12 @@ def test_probe_runs_once_per_signature_and_leaves_rng_alone():
     torch.manual_seed(7)
     m(x[:4])
     after_first = torch.rand(1)
-    assert len(calls) == 3  # the pass and the probe's two passes (the batch, B' rows)
+    assert len(calls) == 4  # the pass and the probe's three (the batch, B' rows, one sample)
     torch.manual_seed(7)
     model.eval()
     model.train()
     m(x[:4])  # same signature: no probe, and the RNG stream is what the first pass left
-    assert len(calls) == 4
+    assert len(calls) == 5
     assert torch.equal(torch.rand(1), after_first)
 
 

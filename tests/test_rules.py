@@ -78,7 +78,13 @@ def _cases():
     }
 
 
-CASES = _cases()
+# float64 models and inputs: the clipped sums are then reduced in float64, so they match the
+# float64 oracle to 1e-5 even where the certified norms of a float32 run sit a few 1e-5 above
+# the exact ones (the float32 accumulation slack; tests/test_certified_norms.py bounds it)
+CASES = {
+    name: (model.double(), x.double() if x.is_floating_point() else x)
+    for name, (model, x) in _cases().items()
+}
 
 
 @pytest.mark.parametrize("mode", MODES)

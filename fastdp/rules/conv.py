@@ -19,6 +19,7 @@ from fastdp.kernels.certified_norm import (
     clipped_weight_bound_sq,
     round_up_f32,
 )
+from fastdp.kernels.rounding import samples_per_call
 from fastdp.rules.base import (
     LayerRule,
     Record,
@@ -93,7 +94,9 @@ def views_as_positions(t: torch.Tensor, views: int, groups: int) -> torch.Tensor
 
 def _conv_rounding(device: torch.device) -> float:
     """rho of the clipped convolution: c * G rounded to float32, then both operands to tf32
-    when cuDNN may use it (CUDA, torch.backends.cudnn.allow_tf32)."""
+    when cuDNN may use it (CUDA, torch.backends.cudnn.allow_tf32). The reduction over a call's
+    rows (whole samples, rounding.samples_per_call) is rounding.accumulation_excess, applied by
+    clipped_weight_bound_sq."""
     u_in = 2.0**-11 if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else 0.0
     return (1.0 + U32) * (1.0 + u_in) ** 2 - 1.0
 
@@ -131,7 +134,9 @@ class ConvRule(LayerRule):
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
         weight, bias = trainable(module, "weight"), trainable(module, "bias")
-        grad_output = record.grad_output.float()
+        # float64 inputs are reduced in float64 (then added to the float32 buffer once)
+        work = torch.float64 if record.grad_output.dtype == torch.float64 else torch.float32
+        grad_output = record.grad_output.to(work)
         scale = rows_scale(scale, record.group)  # every view of sample i gets c_i
         if scale is not None:
             grad_output = grad_output * scale.view((-1,) + (1,) * (grad_output.dim() - 1))
@@ -142,16 +147,24 @@ class ConvRule(LayerRule):
                 if isinstance(module, nn.Conv1d)
                 else torch.nn.grad.conv2d_weight
             )
-            buffer_for(grads, weight).add_(
-                grad_fn(
-                    x.float(),
-                    weight.shape,
-                    grad_output,
-                    stride=module.stride,
-                    padding=padding,
-                    dilation=module.dilation,
-                    groups=module.groups,
+            per_call = samples_per_call(grad_output[0, 0].numel())
+            buffer = buffer_for(grads, weight)
+            x = x.to(work)
+            for start in range(0, grad_output.shape[0], per_call):
+                end = start + per_call
+                buffer.add_(
+                    grad_fn(
+                        x[start:end],
+                        weight.shape,
+                        grad_output[start:end],
+                        stride=module.stride,
+                        padding=padding,
+                        dilation=module.dilation,
+                        groups=module.groups,
+                    )
                 )
-            )
         if bias is not None:
-            buffer_for(grads, bias).add_(grad_output.flatten(2).sum((0, 2)))
+            per_call = samples_per_call(grad_output[0, 0].numel())
+            buffer = buffer_for(grads, bias)
+            for start in range(0, grad_output.shape[0], per_call):
+                buffer.add_(grad_output[start : start + per_call].flatten(2).sum((0, 2)))

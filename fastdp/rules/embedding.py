@@ -36,31 +36,41 @@ def _flat_tokens(module: nn.Embedding, record: Record):
     return sample, tokens, g
 
 
-def embedding_norm_sq(
-    sample: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, batch: int, n_rows: int
-) -> torch.Tensor:
-    """(B,) float32 certified squared norms, rounded up, of what ``accumulate`` adds per unit
-    of clip factor: rows sum_t fl(c g_t), c * g rounded once in float32 (u32).
-
-    The rows are summed in float64 (index_add, any order: error <= gamma64_T sum_t ||g_t||
-    in Frobenius norm), so sqrt(N_added) <= ||rows64|| (1 + gamma64) + (gamma64_T + u32) M,
-    M = sum_t ||g_t||: a direct method, nothing to cancel beyond float64 rounding.
-    """
-    norms = torch.zeros(batch, dtype=torch.float64, device=g.device)
-    if tokens.numel() == 0:
-        return norms.float()
+def _collapse(sample: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, n_rows: int):
+    """(keys, float64 rows): the rows of every distinct (sample, token), summed in float64 (any
+    order: error <= gamma64_T sum_t ||g_t||), key = sample * n_rows + token."""
     keys = sample * n_rows + tokens
     unique_keys, inverse = torch.unique(keys, return_inverse=True)
     summed = torch.zeros(
         unique_keys.shape[0], g.shape[1], dtype=torch.float64, device=g.device
     ).index_add_(0, inverse, g.double())
+    return unique_keys, summed
+
+
+def embedding_norm_sq(
+    sample: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, batch: int, n_rows: int
+) -> torch.Tensor:
+    """(B,) float32 certified squared norms, rounded up, of what ``accumulate`` adds per unit
+    of clip factor.
+
+    ``accumulate`` sums each sample's rows of one token in float64 (``_collapse``), scales by c
+    and rounds to float32 once (u32), then adds one row per (sample, token) into the float32
+    buffer (a single term of the sample per entry: nothing of its own to cancel, covered by
+    the strategies' (1 + kappa) sensitivity). So, with M = sum_t ||g_t||, sqrt(N_added) <=
+    ||rows64|| (1 + gamma64)(1 + u32) + gamma64_T M: a crafted sample's cancelling positions
+    are summed in float64, never in the float32 buffer.
+    """
+    norms = torch.zeros(batch, dtype=torch.float64, device=g.device)
+    if tokens.numel() == 0:
+        return norms.float()
+    unique_keys, summed = _collapse(sample, tokens, g, n_rows)
     norms.index_add_(0, unique_keys // n_rows, summed.square().sum(1))
     mags = torch.zeros_like(norms).index_add_(
         0, sample, torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
     )
     n_all = sample.shape[0] + g.shape[1] + 16
-    slack = gamma(n_all, U64) + U32
-    bound = (norms.sqrt() * (1 + 4 * gamma(n_all, U64)) + slack * mags).square()
+    relative = (1 + 4 * gamma(n_all, U64)) * (1 + U32)
+    bound = (norms.sqrt() * relative + gamma(n_all, U64) * mags).square()
     return round_up_f32(bound * (1 + 2.0**-48))
 
 
@@ -91,5 +101,10 @@ class EmbeddingRule(LayerRule):
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
         sample, tokens, g = _flat_tokens(module, record)
-        rows = g.float() if scale is None else g.float() * scale[sample].unsqueeze(1)
-        buffer_for(grads, module.weight).index_add_(0, tokens, rows)
+        if tokens.numel() == 0:
+            return
+        n_rows = module.num_embeddings
+        unique_keys, summed = _collapse(sample, tokens, g, n_rows)
+        if scale is not None:
+            summed = summed * scale.double()[unique_keys // n_rows].unsqueeze(1)
+        buffer_for(grads, module.weight).index_add_(0, unique_keys % n_rows, summed.float())

@@ -18,6 +18,8 @@ Rounding: c is computed in float64; |c_hat - c| <= gamma64_{d + T_h T_e + 2} sum
 R_e^2 >= (||e|| + delta_e)^2 and R_h^2 >= (||h|| + delta_h)^2 (delta: what their GEMMs may add
 by rounding) bound ||e||^2 + ||h||^2, so what the two GEMMs add for the sample has norm at most
 sqrt(R_e^2 + R_h^2 + 2 c_up) + delta_e + delta_h, with delta_e <= (u32 + gamma64) sum_t ||g_t||
+(fastdp/rules/embedding.py) and delta_h <= rho S plus the head GEMM's accumulation excess
+(kernels/rounding.py: accumulation_excess)
 and delta_h <= rho S (kernels/certified_norm.py: clipped_gemm_rounding, S = sum ||a_s|| ||G_s||).
 """
 
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from fastdp.kernels.certified_norm import U32, U64, clipped_gemm_rounding, gamma, row_norms
+from fastdp.kernels.rounding import accumulation_excess
 from fastdp.rules.base import Record
 
 
@@ -95,7 +98,12 @@ def tied_norm_sq(
     cross_up = cross + gamma(n_terms, U64) * terms.sum((1, 2))
     delta_e = (U32 + gamma(g.shape[1] + g.shape[2] + 16, U64)) * norms_g.sum(1)
     rho = clipped_gemm_rounding(a, grad_head)
-    delta_h = rho * (norms_a * row_norms(grad_head)).sum(1)
+    s_head = (norms_a * row_norms(grad_head)).sum(1)
+    delta_h = rho * s_head
+    root_h = head_sq.double().sqrt()
+    delta_h = delta_h + accumulation_excess(
+        root_h, s_head, a.shape[1], U32 if not a.is_cuda else 2.0**-23
+    )
     inner = (emb_sq.double() + head_sq.double() + 2 * cross_up).clamp(min=0)
     bound = (inner.sqrt() + delta_e + delta_h).square()
     return bound * (1.0 + 8 * gamma(n_terms + 16, U64))
