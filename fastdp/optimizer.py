@@ -1,6 +1,6 @@
 """DPOptimizer: wraps the user's optimizer and turns clipped sums into one noisy step.
 
-The tape accumulates sum_i c_i g_i into float32 buffers over the micro-batches of a logical
+The tape accumulates sum_i c_i g_i into float64 buffers over the micro-batches of a logical
 batch. ``step()`` after a micro-batch that is not the last one only returns; after the last
 one (or after every call when no private loader drives it) it forms
 
@@ -139,7 +139,7 @@ class DPOptimizer(Optimizer):
 
     @property
     def grad_sums(self) -> dict[nn.Parameter, torch.Tensor]:
-        """float32 clipped sums accumulated since the last logical step (reading them closes
+        """float64 clipped sums accumulated since the last logical step (reading them closes
         the current micro-batch: its clipping is finished first)."""
         self.tape.finish()
         return self.tape.grads
@@ -244,11 +244,12 @@ class DPOptimizer(Optimizer):
         params = [p for p in self.params if p.requires_grad]  # frozen since: no update
         for p in params:
             if p not in grads:
-                grads[p] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                grads[p] = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
         if self.world_size > 1:
             for p in params:
                 dist.all_reduce(grads[p])
-        if not bool(torch.isfinite(torch.stack([grads[p].sum() for p in params])).all()):
+        sums = {p: grads[p].float() for p in params}  # float64 accumulators, float32 update
+        if not bool(torch.isfinite(torch.stack([sums[p].sum() for p in params])).all()):
             # per-sample NaN/Inf is dropped in backward; this catches overflow of finite values
             raise RuntimeError(
                 "the clipped sum of this logical batch is not finite (overflow); nothing was "
@@ -256,7 +257,6 @@ class DPOptimizer(Optimizer):
                 "or the loss scale."
             )
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        sums = {p: grads[p] for p in params}
         noise = NoiseKey(self.seed, self.logical_step, self.noise_std)
         key = dict(noise=noise, scale=scale)
         if not _fused_noisy_step(self.original_optimizer, sums, streams=self._streams, **key):

@@ -1,6 +1,9 @@
 """The batch-axis probe: one extra forward pass that proves every layer's leading dimension
 is the sample axis, whatever the shapes.
 
+The model's code is trusted (design §8: the adversary chooses samples, not code): a model
+written to detect the probe (a patched ``F.dropout``, a counter of its passes) can pass it.
+
 The tape checks in every pass that each handled layer sees the micro-batch size as its
 leading dimension. That check cannot tell samples from positions when they happen to have
 the same size: a sequence-first layer on (T, B, d), or a positional embedding called on
@@ -81,7 +84,9 @@ class BatchAxisProbe:
         try:
             # training mode, as in the pass being probed (a module may mix samples only in
             # training), with dropout switched off so that the passes can be compared
-            with torch.no_grad(), torch.random.fork_rng(devices=devices), _no_dropout():
+            # autograd stays on (as in the pass probed; nothing requires grad: the rules
+            # detach the parameters), so a model cannot behave differently under no_grad
+            with torch.enable_grad(), torch.random.fork_rng(devices=devices), _no_dropout():
                 passes = []
                 for size, call_args, call_kwargs in (
                     (batch, args, kwargs),

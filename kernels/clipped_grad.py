@@ -33,10 +33,11 @@ def _check(
         raise ValueError("A and G disagree on (B, T)")
     if scale is not None and scale.shape != (batch,):
         raise ValueError(f"scale must have shape ({batch},), got {tuple(scale.shape)}")
-    if out.shape != (d_out, d_in) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 of shape ({d_out}, {d_in})")
-    if bias_out is not None and (bias_out.shape != (d_out,) or bias_out.dtype != torch.float32):
-        raise ValueError(f"bias_out must be float32 of shape ({d_out},)")
+    wide = (torch.float32, torch.float64)
+    if out.shape != (d_out, d_in) or out.dtype not in wide:
+        raise ValueError(f"out must be float32 or float64 of shape ({d_out}, {d_in})")
+    if bias_out is not None and (bias_out.shape != (d_out,) or bias_out.dtype not in wide):
+        raise ValueError(f"bias_out must be float32 or float64 of shape ({d_out},)")
 
 
 def clipped_linear_grad_torch(
@@ -56,9 +57,9 @@ def clipped_linear_grad_torch(
         g = g * scale.to(work)[:, None, None]
     a = activations.to(work)
     rows_g, rows_a = g.reshape(-1, d_out), a.reshape(-1, d_in)
-    if work == torch.float32:
+    if work == out.dtype:
         out.addmm_(rows_g.t(), rows_a)
-    else:
+    else:  # one call's product in its working precision, added into the wider buffer
         out.add_(rows_g.t() @ rows_a)
     if bias_out is not None:
         bias_out.add_(g.sum((0, 1)))
@@ -81,7 +82,7 @@ def clipped_linear_grad(
     if use_triton(activations, grad_outputs, out):
         from fastdp.kernels import clipped_grad_triton
 
-        impl = clipped_grad_triton.clipped_linear_grad
+        impl = _into_float32(clipped_grad_triton.clipped_linear_grad)
     # whole samples per call, about GEMM_ROW_CHUNK rows: the depth of the float32 reduction a
     # sample's terms pass through is then fixed by its own T, whatever B is
     # (kernels/rounding.py: accumulation_depth; the certified norms include it)
@@ -90,3 +91,20 @@ def clipped_linear_grad(
         end = start + step
         part = None if scale is None else scale[start:end]
         impl(activations[start:end], grad_outputs[start:end], part, out, bias_out)
+
+
+def _into_float32(kernel):
+    """The Triton kernel writes float32: give it float32 scratch and add that into a float64
+    accumulator (one call's result, one rounding)."""
+
+    def call(activations, grad_outputs, scale, out, bias_out):
+        if out.dtype == torch.float32 and (bias_out is None or bias_out.dtype == torch.float32):
+            return kernel(activations, grad_outputs, scale, out, bias_out)
+        out32 = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        bias32 = None if bias_out is None else torch.zeros_like(bias_out, dtype=torch.float32)
+        kernel(activations, grad_outputs, scale, out32, bias32)
+        out.add_(out32)
+        if bias_out is not None:
+            bias_out.add_(bias32)
+
+    return call

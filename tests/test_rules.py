@@ -139,8 +139,9 @@ def test_per_layer_thresholds_list():
 )
 def test_linear_any_shape(batch, tokens, d_in, d_out, mode):
     torch.manual_seed(batch * 100 + tokens)
-    model = nn.Sequential(nn.Linear(d_in, d_out))
-    x, y = torch.randn(batch, tokens, d_in), torch.randn(batch, tokens, d_out)
+    model = nn.Sequential(nn.Linear(d_in, d_out)).double()  # float64: see CASES
+    x = torch.randn(batch, tokens, d_in, dtype=torch.float64)
+    y = torch.randn(batch, tokens, d_out, dtype=torch.float64)
     assert_close_sums(
         fastdp_grad_sum(model, x, y, mode, 0.7), oracle_grad_sum(model, x, y, mode, 0.7)
     )

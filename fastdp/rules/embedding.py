@@ -107,4 +107,5 @@ class EmbeddingRule(LayerRule):
         unique_keys, summed = _collapse(sample, tokens, g, n_rows)
         if scale is not None:
             summed = summed * scale.double()[unique_keys // n_rows].unsqueeze(1)
-        buffer_for(grads, module.weight).index_add_(0, unique_keys % n_rows, summed.float())
+        buffer = buffer_for(grads, module.weight)
+        buffer.index_add_(0, unique_keys % n_rows, summed.to(buffer.dtype))
