@@ -428,3 +428,15 @@ def test_gradient_checkpointing_matches_the_oracle(name, use_reentrant, mode):
         inner.enable_input_require_grads()
     got = fastdp_sum(model, inputs, targets, mode, 1.0, micro_batch=2)
     assert_close_sums(got, expected)
+
+
+def test_dora_is_refused_with_the_fix():
+    """DoRA's magnitude reads lora_A/lora_B weights outside their layers: refused up front,
+    naming plain LoRA as the fix (not a misleading batch-axis error in backward)."""
+    transformers = _import_or_skip("transformers")
+    peft = _import_or_skip("peft")
+    base = transformers.LlamaForCausalLM(_llama_config(transformers))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)
+    model = Output(peft.get_peft_model(base, config))
+    with pytest.raises(ValueError, match="DoRA magnitude.*use_dora=False"):
+        _make_private(model, _ids())

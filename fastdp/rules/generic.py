@@ -77,11 +77,26 @@ def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module._parameters.items() if p is not None and p.requires_grad}
 
 
+# the same, for classes of optional libraries, by qualified name (no import needed)
+_REFUSED_BY_NAME: dict[str, tuple[str, str]] = {
+    "peft.tuners.lora.dora.DoraLinearLayer": (
+        "is a DoRA magnitude: its forward recomputes the weight norm from lora_A's and "
+        "lora_B's weights outside their own layers (on an identity matrix, not the batch), so "
+        "no per-sample gradient of those weights exists there",
+        "use plain LoRA (peft.LoraConfig(use_dora=False))",
+    ),
+}
+
+
 def refusal(module: nn.Module) -> tuple[str, str] | None:
     """(why, fix) when the fallback cannot handle ``module``, else None."""
     for types, why, fix in _REFUSED:
         if isinstance(module, types):
             return why, fix
+    for klass in type(module).__mro__:
+        found = _REFUSED_BY_NAME.get(f"{klass.__module__}.{klass.__qualname__}")
+        if found is not None:
+            return found
     return None
 
 
