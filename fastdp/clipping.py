@@ -45,7 +45,6 @@ class ClippingStrategy:
     (``optimizer.step()``), after every backward pass of it."""
 
     mode = ""
-    needs_norms = True
     private = True
     sensitivity = 0.0
 
@@ -198,7 +197,6 @@ class NoClipping(_InBackward):
     """
 
     mode = "none"
-    needs_norms = False
     private = False
 
     def tie(self, pairs: list) -> None:
