@@ -80,7 +80,7 @@ def per_sample_norm_sq(
 ) -> torch.Tensor:
     """||G_i^T A_i||_F^2 for every sample i as computed by the backend (kernel or torch
     reference), float32 of shape (B,): an ESTIMATE, which cancellation can push far below the
-    true value. Clipping must use ``certified_norm_sq`` / ``clipped_weight_bound_sq``.
+    true value. Clipping must use ``certified_norm_sq`` / ``clipped_bound.clipped_weight_bound_sq``.
     """
     _check(activations, grad_outputs)
     batch, n_tokens, d_in = activations.shape

@@ -15,10 +15,9 @@ from torch import nn
 
 from fastdp.kernels.certified_norm import (
     U32,
-    clipped_bias_bound_sq,
-    clipped_weight_bound_sq,
     round_up_f32,
 )
+from fastdp.kernels.clipped_bound import clipped_bias_bound_sq, clipped_weight_bound_sq
 from fastdp.kernels.rounding import samples_per_call
 from fastdp.rules.base import (
     LayerRule,

@@ -7,10 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdp.kernels.certified_norm import (
-    clipped_bias_bound_sq,
-    clipped_weight_bound_sq,
     round_up_f32,
 )
+from fastdp.kernels.clipped_bound import clipped_bias_bound_sq, clipped_weight_bound_sq
 from fastdp.kernels.clipped_grad import clipped_linear_grad
 from fastdp.rules.base import (
     LayerRule,

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastdp.kernels.certified_norm import U32, U64, clipped_gemm_rounding, gamma, row_norms
+from fastdp.kernels.certified_norm import U32, U64, gamma, row_norms
+from fastdp.kernels.clipped_bound import clipped_gemm_rounding
 from fastdp.kernels.rounding import accumulation_excess
 from fastdp.rules.base import Record
 
