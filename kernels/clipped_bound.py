@@ -39,14 +39,15 @@ def clipped_gemm_rounding(
     type -> c * g rounded to it (bf16 2^-8, fp16 2^-11), A exact; else float32/tf32.
     ``triton``: the backend decision if the caller has it (None: ask dispatch).
     """
-    u_g = u_a = 2.0**-11 if _tf32(activations.device) else 0.0
     triton = use_triton(activations, grad_outputs) if triton is None else triton
+    wide = not triton and activations.dtype == torch.float64  # reduced in float64 (torch path)
+    u_g = u_a = 2.0**-11 if _tf32(activations.device) and not wide else 0.0
     if triton:
         half = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
         same = activations.dtype == grad_outputs.dtype
         if same and activations.dtype in half and activations.is_cuda:
             u_g, u_a = half[activations.dtype], 0.0
-    return (1.0 + U32) * (1.0 + u_g) * (1.0 + u_a) - 1.0
+    return (1.0 + _scaling_unit(activations, triton)) * (1.0 + u_g) * (1.0 + u_a) - 1.0
 
 
 def clipped_weight_bound_sq(
@@ -68,6 +69,11 @@ def clipped_weight_bound_sq(
     return root.square_().mul_(_inflate(4))
 
 
+def _scaling_unit(tensor: torch.Tensor, triton: bool) -> float:
+    """Unit roundoff of c * g: float64 inputs on the torch path are scaled in float64."""
+    return U64 if not triton and tensor.dtype == torch.float64 else U32
+
+
 def _accumulation_unit(tensor: torch.Tensor, triton: bool) -> float:
     """Unit roundoff of the clipped gradient's reduction: float64 inputs on the torch path are
     reduced in float64, else float32 (2^-23 on CUDA: tensor cores may truncate)."""
@@ -87,7 +93,8 @@ def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
     n_all = n_tokens + d_out
     if n_tokens == 1:  # one term per sample: nothing of its own to cancel
         root = row_norms(grad_outputs).squeeze(1) * _inflate(n_all)
-        return (root * (1.0 + U32)).square() * _inflate(4)
+        u_scale = _scaling_unit(grad_outputs, use_triton(grad_outputs))
+        return (root * (1.0 + u_scale)).square() * _inflate(4)
     mags = frobenius_bounds(grad_outputs)
     block = _BIAS_BLOCK if n_tokens > _BIAS_BLOCK else n_tokens
     summed = _block_sums(grad_outputs, block)  # float32 sums of <= block tokens
@@ -97,7 +104,8 @@ def clipped_bias_bound_sq(grad_outputs: torch.Tensor) -> torch.Tensor:
         summed = summed.squeeze(1)
     root = torch.linalg.vector_norm(summed, dim=1, dtype=torch.float64)
     u_w = U64 if grad_outputs.dtype == torch.float64 else U32
-    slack = (gamma(block, u_w) + gamma(n_tokens, U64) * 2 + U32) * math.sqrt(n_tokens)
+    u_scale = _scaling_unit(grad_outputs, use_triton(grad_outputs))
+    slack = (gamma(block, u_w) + gamma(n_tokens, U64) * 2 + u_scale) * math.sqrt(n_tokens)
     inflate = _inflate(n_all)
     root = root.mul_(inflate).add_(mags, alpha=slack * inflate)
     u_acc = _accumulation_unit(grad_outputs, use_triton(grad_outputs))

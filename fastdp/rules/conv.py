@@ -15,6 +15,7 @@ from torch import nn
 
 from fastdp.kernels.certified_norm import (
     U32,
+    U64,
     round_up_f32,
 )
 from fastdp.kernels.clipped_bound import clipped_bias_bound_sq, clipped_weight_bound_sq
@@ -91,12 +92,14 @@ def views_as_positions(t: torch.Tensor, views: int, groups: int) -> torch.Tensor
     return t.reshape(batch * groups, views * length, n)
 
 
-def _conv_rounding(device: torch.device) -> float:
+def _conv_rounding(device: torch.device, dtype: torch.dtype) -> float:
     """rho of the clipped convolution: c * G rounded to float32, then both operands to tf32
     when cuDNN may use it (CUDA, torch.backends.cudnn.allow_tf32). The reduction over a call's
     rows (whole samples, rounding.samples_per_call) is rounding.accumulation_excess, applied by
     clipped_weight_bound_sq."""
     u_in = 2.0**-11 if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else 0.0
+    if dtype == torch.float64:  # float64 inputs are scaled and reduced in float64
+        return U64
     return (1.0 + U32) * (1.0 + u_in) ** 2 - 1.0
 
 
@@ -118,7 +121,7 @@ class ConvRule(LayerRule):
         if trainable(module, "weight") is not None:
             cols = unfolded(module, *padded_input(module, record.saved["input"]))
             grads = grouped_grad_output(module, grad_output)
-            rho = _conv_rounding(grad_output.device)
+            rho = _conv_rounding(grad_output.device, grad_output.dtype)
             per_group = clipped_weight_bound_sq(
                 views_as_positions(cols, views, module.groups),
                 views_as_positions(grads, views, module.groups),
