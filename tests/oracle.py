@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -89,8 +90,11 @@ def fastdp_grad_sum(
     import fastdp
 
     model = copy.deepcopy(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    # keyed by the names before make_private: swapped modules (nn.MultiheadAttention) rename
+    # parameters but keep the objects
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    optimizer = torch.optim.SGD(list(named.values()), lr=1.0)
     batch = inputs.shape[0] // views
     augment = None
     if views == 1:
@@ -105,31 +109,29 @@ def fastdp_grad_sum(
             return inputs[ids * views + view], y
 
     engine = fastdp.PrivacyEngine()
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm,
-        clipping=clipping,
-        poisson_sampling=False,
-        max_physical_batch_size=micro_batch,
-        seed=0,
-        loss_reduction=loss_reduction,
-        augmentation_multiplicity=views,
-        augment=augment,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # explicit seed, fallback cost notes
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=0.0,
+            max_grad_norm=max_grad_norm,
+            clipping=clipping,
+            poisson_sampling=False,
+            max_physical_batch_size=micro_batch,
+            seed=0,
+            loss_reduction=loss_reduction,
+            augmentation_multiplicity=views,
+            augment=augment,
+        )
     for x, y in loader:
         loss = per_sample_loss(model(x), y)
         (loss.mean() if loss_reduction == "mean" else loss.sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
     rescale = batch if loss_reduction == "mean" else 1
-    return {
-        n: (before[n] - p.detach()) * rescale
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
+    return {n: (before[n] - p.detach()) * rescale for n, p in named.items()}
 
 
 def assert_close_sums(got: dict, expected: dict, rtol: float = 1e-5) -> None:

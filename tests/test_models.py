@@ -10,14 +10,12 @@ fastdp[hf]``); timm also needs an importable torchvision.
 
 from __future__ import annotations
 
-import copy
 import importlib
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_close_sums, oracle_grad_sum, per_sample_loss
+from oracle import assert_close_sums, fastdp_grad_sum, oracle_grad_sum
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -33,35 +31,6 @@ def _import_or_skip(name: str):
         return importlib.import_module(name)
     except Exception as err:  # ImportError, or RuntimeError from a broken extension
         pytest.skip(f"{name} not importable: {type(err).__name__}: {err}")
-
-
-def fastdp_sum(model, inputs, targets, clipping, max_grad_norm=1.0, micro_batch=None):
-    """tests/oracle.py's fastdp_grad_sum keyed by the names before make_private (swapped
-    modules such as nn.MultiheadAttention rename parameters but keep the objects)."""
-    model = copy.deepcopy(model)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    before = {n: p.detach().clone() for n, p in named.items()}
-    optimizer = torch.optim.SGD(list(named.values()), lr=1.0)
-    loader = DataLoader(TensorDataset(inputs, targets), batch_size=inputs.shape[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # explicit seed, fallback cost notes
-        model, optimizer, loader = fastdp.PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=0.0,
-            max_grad_norm=max_grad_norm,
-            clipping=clipping,
-            poisson_sampling=False,
-            max_physical_batch_size=micro_batch,
-            seed=0,
-            loss_reduction="sum",
-        )
-    for x, y in loader:
-        per_sample_loss(model(x), y).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return {n: before[n] - p.detach() for n, p in named.items()}
 
 
 class Output(nn.Module):
@@ -326,7 +295,7 @@ def _build(name: str):
 def _check(name: str, mode: str, micro_batch: int | None = None) -> None:
     model, inputs, targets = _build(name)
     expected = oracle_grad_sum(model, inputs, targets, mode, 1.0)
-    got = fastdp_sum(model, inputs, targets, mode, 1.0, micro_batch=micro_batch)
+    got = fastdp_grad_sum(model, inputs, targets, mode, 1.0, micro_batch=micro_batch)
     assert_close_sums(got, expected)
 
 
@@ -426,7 +395,7 @@ def test_gradient_checkpointing_matches_the_oracle(name, use_reentrant, mode):
     )
     if use_reentrant:
         inner.enable_input_require_grads()
-    got = fastdp_sum(model, inputs, targets, mode, 1.0, micro_batch=2)
+    got = fastdp_grad_sum(model, inputs, targets, mode, 1.0, micro_batch=2)
     assert_close_sums(got, expected)
 
 
