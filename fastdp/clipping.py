@@ -54,13 +54,13 @@ class ClippingStrategy:
     def finish(self, tape) -> int:
         return 0
 
-    def tie(self, pairs: list) -> None:
-        """Weight ties (fastdp/rules/tying.py) whose uses must be clipped together."""
-        if pairs:
+    def tie(self, groups: list) -> None:
+        """Weight ties (fastdp/rules/tying.py: TieGroup) whose uses must be clipped together."""
+        if groups:
             raise ValueError(
-                f"clipping={self.mode!r} cannot clip a tied weight's two uses jointly (the "
-                "embedding and head of "
-                + ", ".join(f"'{type(p.head).__name__}'" for p in pairs)
+                f"clipping={self.mode!r} cannot clip a tied weight's uses jointly (the "
+                "embeddings and head sharing the weight of "
+                + ", ".join(f"'{type(g.embeddings[0]).__name__}'" for g in groups)
                 + "): use clipping='flat' or 'automatic', or untie the weights."
             )
 
@@ -80,8 +80,8 @@ class FlatClipping(ClippingStrategy):
         self.records: list[Record] = []
         self.norm_sq: torch.Tensor | None = None
 
-    def tie(self, pairs: list) -> None:
-        self.tied = list(pairs)
+    def tie(self, groups: list) -> None:
+        self.tied = [group.pair for group in groups if group.head is not None]
 
     def factors(self, norms: torch.Tensor) -> torch.Tensor:
         return (self.max_grad_norm / (norms + _EPS)).clamp(max=1.0)
@@ -166,6 +166,11 @@ class PerLayerClipping(_InBackward):
 
     mode = "per_layer"
 
+    def tie(self, groups: list) -> None:
+        """Embeddings sharing a weight are one layer (the tape merges their records); a
+        shared weight that is also a head's is refused (two layers, one tensor)."""
+        super().tie([group for group in groups if group.head is not None])
+
     def __init__(self, thresholds: dict[str, float]) -> None:
         super().__init__()
         self.thresholds = thresholds
@@ -199,8 +204,8 @@ class NoClipping(_InBackward):
     mode = "none"
     private = False
 
-    def tie(self, pairs: list) -> None:
-        """No clipping: both uses of a tied weight simply add into its sum."""
+    def tie(self, groups: list) -> None:
+        """No clipping: the uses of a tied weight simply add into its sum."""
 
     def __init__(self, noise_scale: float = 1.0) -> None:
         super().__init__()

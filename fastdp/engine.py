@@ -22,9 +22,10 @@ from fastdp.optimizer import DPOptimizer
 from fastdp.rules import is_fallback, rule_for
 from fastdp.rules.attention import replace_modules
 from fastdp.rules.generic import refusal, warn_fallback
-from fastdp.rules.tying import TiedPair, check_tying
+from fastdp.rules.hf import patch_t5_attention
+from fastdp.rules.tying import TieGroup, check_tying
 from fastdp.state import PrivateRun
-from fastdp.tape import Tape, handled_layers
+from fastdp.tape import Tape, can_merge, clipping_layers
 
 
 class PrivacyEngine:
@@ -85,8 +86,9 @@ class PrivacyEngine:
         if augment is not None and not callable(augment):
             raise ValueError(f"augment must be a callable batch -> batch, got {augment!r}")
         replace_modules(module)  # exact swaps (nn.MultiheadAttention), same parameters
+        patch_t5_attention(module)  # T5's relative bias on batch-first bucket ids
         check_data_independent(module)
-        layers = handled_layers(module)
+        layers = clipping_layers(module)
         tied = check_model(module)
         params = _optimizer_params(module, optimizer)
         strategy = make_strategy(clipping, max_grad_norm, [name for name, _ in layers])
@@ -127,6 +129,7 @@ class PrivacyEngine:
         dp_optimizer = DPOptimizer(optimizer, tape=tape, params=params, run=run)
         loader.drive(dp_optimizer)
         tape.attach(module)
+        tape.share(tied)
         dp_optimizer.index_parameter_names()
         if not poisson_sampling and strategy.private:
             warnings.warn(
@@ -232,20 +235,25 @@ def _check_not_ddp(module: nn.Module) -> None:
         )
 
 
-def check_model(model: nn.Module) -> list[TiedPair]:
+def check_model(model: nn.Module) -> list[TieGroup]:
     """Refuse what fastdp cannot make private, naming the module and the fix; return the
-    supported weight ties (an Embedding and a Linear head sharing their weight)."""
+    supported weight ties (Embeddings and at most one Linear head sharing their weight)."""
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     seen_modules: dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         display = name or type(module).__name__
-        if id(module) in seen_modules and any(p.requires_grad for p in module.parameters()):
-            raise ValueError(
-                f"module '{display}' is the same object as '{seen_modules[id(module)]}': a "
-                "shared layer gets two per-sample contributions that fastdp cannot clip "
-                "jointly. Use separate modules (or freeze the shared one)."
-            )
-        seen_modules.setdefault(id(module), display)
+        if id(module) in seen_modules:
+            own = any(p.requires_grad for p in module.parameters(recurse=False))
+            if own and not can_merge(rule_for(module)):
+                raise ValueError(
+                    f"module '{display}' ({type(module).__qualname__}) is the same object as "
+                    f"'{seen_modules[id(module)]}': a shared layer's per-sample gradient is the "
+                    "sum over its uses, which fastdp combines before clipping for Linear, HF "
+                    "Conv1D, Embedding and the norm layers, not for this one. Use separate "
+                    "modules (or freeze the shared one)."
+                )
+            continue  # one layer under several names (T5's shared embedding): checked once
+        seen_modules[id(module)] = display
         own = {k: p for k, p in module._parameters.items() if p is not None and p.requires_grad}
         for pname, param in own.items():
             owners.setdefault(id(param), []).append((display, module, pname))

@@ -42,6 +42,7 @@ class BatchAxisProbe:
         self._signatures: set[str] = set()
         self._dims: set[int] = set()
         self._seen: list = []  # (args, kwargs, output) of each handled layer in a probe pass
+        self._calls: dict[int, int] = {}  # module -> calls in the current probe pass
 
     def note_shape(self, output: torch.Tensor) -> None:
         """Remember the non-leading dimensions a layer produced in the training pass."""
@@ -94,7 +95,7 @@ class BatchAxisProbe:
                     (1, lone_args, lone_kwargs),
                 ):
                     self.batch = self.tape.expected_batch = size
-                    self._seen = []
+                    self._seen, self._calls = [], {}
                     output = module(*call_args, **call_kwargs)
                     passes.append([output] + self._seen)
         except ProbeRefusal:
@@ -122,10 +123,16 @@ class BatchAxisProbe:
     def run_layer(self, routed, *args, **kwargs):
         """A handled layer's forward during the probe: the rule's forward (what training
         runs), then the check that the leading dimension followed the probe batch."""
-        output, _ = routed.rule.forward(routed.module_ref, *args, **kwargs)
+        module = routed.module_ref
+        calls = self._calls[id(module)] = self._calls.get(id(module), 0) + 1
+        if calls > 1:  # a layer reused in one pass: merged at step, or refused by its rule
+            try:
+                self.tape.note_reuse(routed.name, module, routed.rule)
+            except RuntimeError as err:
+                raise ProbeRefusal(str(err)) from None
+        output, _ = routed.rule.forward(module, *args, **kwargs)
         self._seen.append((args, kwargs, output))
         if output.shape[0] != self.batch:
-            module = routed.module_ref
             raise ProbeRefusal(
                 f"module '{routed.name}' ({type(module).__name__}) is not batch-first: on a "
                 f"probe batch of {self.batch} samples its output has leading dimension "

@@ -12,6 +12,12 @@ GEMMs. So a sample's whole gradient is clipped once even when autograd splits th
 into nested passes (reentrant activation checkpointing runs one per segment), and a layer
 that receives a second backward in the same micro-batch (two views, split losses, two
 forwards summed) is refused: its samples would otherwise count twice.
+
+A layer called several times in one forward pass (T5's shared embedding for encoder and
+decoder inputs, a layer shared across depth) is one layer with one per-sample gradient, the
+sum over its calls: its records are held until the micro-batch closes and merged by its rule
+(``LayerRule.merge``: the calls' positions concatenated per sample), so it is clipped once.
+Rules without ``merge`` (conv, the torch.func fallback) refuse a second call.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch import nn
 from fastdp.clipping import ClippingStrategy
 from fastdp.guards import BufferGuard
 from fastdp.probe import BatchAxisProbe
-from fastdp.rules import Record, rule_for
+from fastdp.rules import LayerRule, Record, rule_for
 
 _REPLAY = object()  # the record of a forward replayed by non-reentrant checkpointing
 
@@ -96,10 +102,20 @@ class Tape:
         self.guard: BufferGuard | None = None
         self._root: nn.Module | None = None
         self._hooks: list = []
-        self._pass_calls: set[int] = set()  # modules called in the current forward pass
+        self._pass_calls: dict[int, int] = {}  # module -> calls in the current forward pass
         self._pass_batch: tuple[str, int] | None = None
-        self._awaiting_backward: set[int] = set()  # modules recorded in forward, no G yet
-        self._recorded: set[int] = set()  # modules that received G in this micro-batch
+        self._pass_id = 0  # counts the model's forward passes (labels records)
+        self._awaiting_backward: dict[int, int] = {}  # module -> records with no G yet
+        self._no_grad_calls: dict[int, int] = {}  # module -> calls with autograd off, this pass
+        # module -> pass label of the records that received G in this micro-batch
+        self._recorded: dict[int, int | None] = {}
+        self.reused: set[int] = set()  # modules seen called more than once in a pass
+        # embedding -> (module, name) of the first of its tie group
+        self._alias: dict[int, tuple[nn.Module, str]] = {}
+        # records of reused (or weight-sharing) layers, merged at step:
+        # key -> ((module, name) they are merged into, records)
+        self._deferred: dict[int, tuple[tuple[nn.Module, str], list[Record]]] = {}
+        self._deferred_modules: set[int] = set()
         self._micro_batch: tuple[str, int] | None = None
         self._open_passes: set[int] = set()  # graph tasks whose end callback is queued
         self._in_root_pass = False  # inside the private model's own forward
@@ -116,6 +132,16 @@ class Tape:
             model.register_forward_pre_hook(self._start_pass),
             model.register_forward_hook(self._end_pass, with_kwargs=True),
         ]
+
+    def share(self, groups: list) -> None:
+        """Embeddings holding one weight (fastdp/rules/tying.py: TieGroup) are one layer: their
+        records are merged into one of the group's first embedding, clipped once."""
+        names = {id(module): name for name, module in self.layers}
+        for group in groups:
+            if len(group.embeddings) > 1:
+                owner = group.embeddings[0]
+                for embedding in group.embeddings:
+                    self._alias[id(embedding)] = (owner, names[id(owner)])
 
     def detach(self) -> None:
         """Restore the layers' own forwards."""
@@ -140,7 +166,9 @@ class Tape:
             self.invalid_reason = "a backward pass was interrupted by an exception"
         self._pass_calls.clear()
         self._pass_batch = None
+        self._pass_id += 1
         self._awaiting_backward.clear()
+        self._no_grad_calls.clear()
 
     def _end_pass(self, module, args, kwargs, output) -> None:
         if in_backward() or self.probe.active:
@@ -149,7 +177,7 @@ class Tape:
         self.guard.after()
         self.probe.after_forward(module, args, kwargs, output)
 
-    def on_forward(self, name: str, module: nn.Module, batch: int) -> None:
+    def on_forward(self, name: str, module: nn.Module, batch: int, rule) -> None:
         if self.expected_batch is not None and batch != self.expected_batch:
             raise ValueError(
                 f"module '{name}' ({type(module).__name__}) saw a leading dimension of {batch} "
@@ -158,18 +186,50 @@ class Tape:
                 "(e.g. (B*T, d)) or feed sequence-first tensors, and call embeddings of "
                 "positions on positions.expand(B, T)."
             )
-        if id(module) in self._pass_calls:
-            raise RuntimeError(
-                f"module '{name}' ({type(module).__name__}) was called twice in one forward "
-                "pass. fastdp computes per-sample gradients per layer call; reusing a layer "
-                "(or sharing its parameters) would give wrong per-sample norms. Use a separate "
-                "module for each use."
-            )
-        self._pass_calls.add(id(module))
+        calls = self._pass_calls.get(id(module), 0)
+        if calls:
+            self.note_reuse(name, module, rule)
+            if id(module) in self._recorded and id(module) not in self._deferred_modules:
+                self._fail(
+                    f"module '{name}' ({type(module).__name__}) was called again after the "
+                    "gradient of its first call was clipped (a layer reused inside a reentrant "
+                    "activation checkpoint): its calls must be clipped together. Use "
+                    "non-reentrant checkpointing (use_reentrant=False)."
+                )
+        self._pass_calls[id(module)] = calls + 1
         if self._pass_batch is None:
             self._pass_batch = (name, batch)
         elif self._pass_batch[1] != batch:
             raise _batch_mismatch(self._pass_batch, (name, batch))
+
+    def note_reuse(self, name: str, module: nn.Module, rule) -> None:
+        """A second call of ``module`` in one pass: its calls' records will be merged, or,
+        when its rule cannot merge them, the model is refused."""
+        if not can_merge(rule):
+            raise RuntimeError(
+                f"module '{name}' ({type(module).__qualname__}) was called twice in one forward "
+                "pass. Its per-sample gradient is the sum over its calls, which fastdp combines "
+                "before clipping for Linear, HF Conv1D, Embedding and the norm layers, not for "
+                "this layer's rule. Use a separate module for each use, or freeze it."
+            )
+        self.reused.add(id(module))
+
+    def is_replay(self, name: str, module: nn.Module) -> bool:
+        """A call in backward: a non-reentrant checkpoint's replay of a recorded call (a record
+        awaits its G), or a reentrant checkpoint's recomputation of a call that ran with
+        autograd off in the forward (to be recorded now). Both at once cannot be told apart."""
+        awaiting = self._awaiting_backward.get(id(module), 0)
+        no_grad = self._no_grad_calls.get(id(module), 0)
+        if awaiting and no_grad:
+            self._fail(
+                f"module '{name}' ({type(module).__name__}) was called both with autograd off "
+                "(inside a reentrant activation checkpoint or torch.no_grad()) and with autograd "
+                "on in one forward pass, and is recomputed in backward: fastdp cannot tell which "
+                "call is recomputed. Use non-reentrant checkpointing (use_reentrant=False)."
+            )
+        if no_grad:
+            self._no_grad_calls[id(module)] = no_grad - 1
+        return bool(awaiting)
 
     # ---- backward -------------------------------------------------------------------------
     def on_backward(self, record: Record, grad_output: torch.Tensor) -> None:
@@ -182,8 +242,25 @@ class Tape:
             )
             self._open_passes.add(task)
         module_id = id(record.module)
-        self._awaiting_backward.discard(module_id)
-        if module_id in self._recorded:
+        waiting = self._awaiting_backward.get(module_id, 0)
+        if waiting:
+            self._awaiting_backward[module_id] = waiting - 1
+        if module_id in self._recorded and not (
+            # several calls of one reused layer in one forward pass: merged at step
+            module_id in self._deferred_modules
+            and record.pass_id is not None
+            and self._recorded[module_id] == record.pass_id
+        ):
+            if module_id in self._deferred_modules and None in (
+                record.pass_id,
+                self._recorded[module_id],
+            ):
+                self._fail(
+                    f"module '{record.name}' is called several times in a pass and at least "
+                    "once inside a reentrant activation checkpoint, whose recomputation cannot "
+                    "be matched to its forward pass, so its calls cannot be merged safely. Use "
+                    "non-reentrant checkpointing (use_reentrant=False)."
+                )
             self._fail(
                 f"module '{record.name}' appeared twice in the backward passes of one "
                 "micro-batch (two forward passes with one backward, or several backward "
@@ -191,7 +268,7 @@ class Tape:
                 "counted once per pass. Run one forward and one backward per micro-batch and "
                 "call optimizer.step() after each."
             )
-        self._recorded.add(module_id)
+        self._recorded[module_id] = record.pass_id
         record.grad_output = grad_output
         batch = grad_output.shape[0]
         if batch % self.views:
@@ -206,7 +283,12 @@ class Tape:
             self._micro_batch = (record.name, batch)
         elif self._micro_batch[1] != batch:
             self._fail(str(_batch_mismatch(self._micro_batch, (record.name, batch))))
-        if batch:  # an empty (Poisson) micro-batch contributes nothing; the noise comes at step
+        owner = self._alias.get(module_id)
+        if owner is not None or module_id in self.reused:
+            owner = (record.module, record.name) if owner is None else owner
+            self._deferred.setdefault(id(owner[0]), (owner, []))[1].append(record)
+            self._deferred_modules.add(module_id)
+        elif batch:  # an empty (Poisson) micro-batch contributes nothing; noise comes at step
             self._guarded(self.strategy.on_layer, record, self)
 
     def _guarded(self, call, *args):
@@ -224,6 +306,12 @@ class Tape:
             self.invalid_reason = "a backward pass was interrupted by an exception"
         if self.invalid_reason is not None:
             return
+        deferred, self._deferred = self._deferred, {}
+        self._deferred_modules.clear()
+        for owner, records in deferred.values():
+            if records[0].grad_output.shape[0]:
+                merged = self._guarded(_merge, owner, records)
+                self._guarded(self.strategy.on_layer, merged, self)
         dropped = self._guarded(self.strategy.finish, self)
         if dropped:
             self.dropped += dropped
@@ -239,6 +327,8 @@ class Tape:
         micro-batch (until then a second backward through a layer is refused, also after
         ``finish`` ran early because ``grad_sums`` was read)."""
         self._recorded.clear()
+        self._deferred.clear()
+        self._deferred_modules.clear()
         self._micro_batch = None
 
     def _fail(self, message: str) -> None:
@@ -253,6 +343,8 @@ class Tape:
         self.strategy.reset()
         self._open_passes.clear()
         self._recorded.clear()
+        self._deferred.clear()
+        self._deferred_modules.clear()
         self._awaiting_backward.clear()
         self._micro_batch = None
         self.invalid_reason = None
@@ -283,6 +375,22 @@ def _batch_mismatch(first: tuple[str, int], other: tuple[str, int]) -> ValueErro
     )
 
 
+def can_merge(rule) -> bool:
+    """Whether ``rule`` combines several calls of one layer (``LayerRule.merge``)."""
+    return rule is not None and type(rule).merge is not LayerRule.merge
+
+
+def _merge(owner: tuple[nn.Module, str], records: list[Record]) -> Record:
+    """One record of ``owner`` for all calls of a reused layer, or of the layers sharing its
+    weight (every call's G has arrived or never will: a call whose output did not reach the
+    loss adds nothing)."""
+    first = records[0]
+    merged = first if len(records) == 1 else rule_for(owner[0]).merge(records)
+    merged.module, merged.name = owner
+    merged.grad_scale, merged.group, merged.pass_id = first.grad_scale, first.group, first.pass_id
+    return merged
+
+
 class _RoutedForward:
     """Instance-level forward of a handled layer: rule forward + tap (or the plain forward
     when autograd is off, e.g. evaluation under torch.no_grad())."""
@@ -297,6 +405,8 @@ class _RoutedForward:
         if tape.probe.active:
             return tape.probe.run_layer(self, *args, **kwargs)
         if not torch.is_grad_enabled():
+            if tape._in_root_pass and not in_backward():  # e.g. inside a reentrant checkpoint
+                tape._no_grad_calls[id(module)] = tape._no_grad_calls.get(id(module), 0) + 1
             return type(module).forward(module, *args, **kwargs)
         if not (tape._in_root_pass or in_backward()):
             raise RuntimeError(
@@ -308,14 +418,17 @@ class _RoutedForward:
         output, saved = self.rule.forward(module, *args, **kwargs)
         if getattr(self.rule, "may_save_output", False):
             output = output.clone()  # the tap marks its input dirty: keep autograd's copy
-        if in_backward() and id(module) in tape._awaiting_backward:
+        if in_backward() and tape.is_replay(self.name, module):
             # non-reentrant checkpointing recomputes this layer's forward to refill saved
             # tensors: replay the same ops, record nothing (the first forward's record stands)
             return _Tap.apply(tape, _REPLAY, output, *self.params)
-        tape.on_forward(self.name, module, output.shape[0])
+        tape.on_forward(self.name, module, output.shape[0], self.rule)
         tape.probe.note_shape(output)
-        record = Record(module=module, name=self.name, saved=saved)
-        tape._awaiting_backward.add(id(module))
+        # a record made in backward (a reentrant checkpoint's recomputation) cannot tell
+        # which forward pass it belongs to: no label, so it is never merged with another
+        pass_id = None if in_backward() else tape._pass_id
+        record = Record(module=module, name=self.name, saved=saved, pass_id=pass_id)
+        tape._awaiting_backward[id(module)] = tape._awaiting_backward.get(id(module), 0) + 1
         return _Tap.apply(tape, record, output, *self.params)
 
 
@@ -329,4 +442,19 @@ def handled_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-__all__ = ["Tape", "handled_layers", "in_backward"]
+def clipping_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers of per_layer clipping: ``handled_layers`` less the modules whose trainable
+    parameters an earlier layer holds (embeddings sharing one weight are one layer, T5's
+    shared / encoder / decoder embeddings)."""
+    seen: set[int] = set()
+    layers = []
+    for name, module in handled_layers(model):
+        own = {id(p) for p in module.parameters(recurse=False) if p.requires_grad}
+        if own <= seen:
+            continue
+        seen |= own
+        layers.append((name, module))
+    return layers
+
+
+__all__ = ["Tape", "clipping_layers", "handled_layers", "in_backward"]

@@ -42,7 +42,8 @@ def oracle_grad_sum(
             x = x.double() if x.is_floating_point() else x
             loss = per_sample_loss(reference(x), targets[i : i + 1].double()).sum()
             (loss / views).backward()
-        grads = {name: p.grad.clone() for name, p in named}
+        # a parameter the forward does not use (T5's untied `shared`) has no gradient: zero
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in named}
         if clipping in ("flat", "automatic"):
             norm = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
             if clipping == "flat":

@@ -147,22 +147,22 @@ def test_refuses_shared_parameter_and_shared_module():
     model[1].weight = model[0].weight
     with pytest.raises(ValueError, match=r"'0.weight', '1.weight'.*weight tying"):
         _make(model)
-    layer = nn.Linear(4, 4)
-    with pytest.raises(ValueError, match=r"module '1' is the same object as '0'"):
+    layer = nn.Conv1d(4, 4, 1)  # a shared Linear is merged (tests/test_reuse.py); conv is not
+    with pytest.raises(ValueError, match=r"module '1' \(Conv1d\) is the same object as '0'"):
         _make(nn.Sequential(layer, layer))
 
 
-def test_refuses_reusing_a_layer_in_one_forward():
+def test_refuses_reusing_a_layer_whose_rule_cannot_merge_calls():
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(4, 4)
+            self.conv = nn.Conv1d(4, 4, 1)
 
         def forward(self, x):
-            return self.lin(self.lin(x))
+            return self.conv(self.conv(x.unsqueeze(-1))).flatten(1)
 
     m, opt, loader = _make(Twice())
-    with pytest.raises(RuntimeError, match=r"'lin' \(Linear\) was called twice"):
+    with pytest.raises(RuntimeError, match=r"'conv' \(Conv1d\) was called twice"):
         m(torch.randn(2, 4))
 
 

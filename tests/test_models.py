@@ -183,11 +183,35 @@ def _hf_vit():
     return Output(transformers.ViTForImageClassification(config), "pixel_values"), _images()
 
 
-def _lora():
+class Seq2Seq(nn.Module):
+    """A transformers encoder-decoder's logits from ids: the decoder reads the first ids
+    reversed (different positions and ids than the encoder's)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(input_ids=x, decoder_input_ids=x[:, :3].flip(1)).logits
+
+
+def _t5(tied: bool = True):
+    """T5 as shipped: one weight for the shared, encoder and decoder embeddings (the last two
+    called in one pass) and, tied (T5 v1.0), the head; relative attention bias on (q, k) ids."""
+    transformers = _import_or_skip("transformers")
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+        dropout_rate=0.0, relative_attention_num_buckets=8,
+    )  # fmt: skip
+    config.tie_word_embeddings = tied  # T5 v1.1: separate head (the constructor ignores it)
+    return Seq2Seq(transformers.T5ForConditionalGeneration(config)), _ids()
+
+
+def _lora(**options):
     transformers = _import_or_skip("transformers")
     peft = _import_or_skip("peft")
     base = transformers.LlamaForCausalLM(_llama_config(transformers))
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], **options)
     model = peft.get_peft_model(base, config)
     for name, param in model.named_parameters():  # LoRA B starts at zero: give it a gradient
         if "lora_B" in name:
@@ -264,6 +288,9 @@ MODELS = {
     "llama": _llama,
     "hf_vit": _hf_vit,
     "lora_llama": _lora,
+    "dora_llama": lambda: _lora(use_dora=True),
+    "t5": _t5,
+    "t5_untied": lambda: _t5(tied=False),
     "timm_vit": _timm_vit,
     "timm_resnet18_gn": _timm_resnet_gn,
     "timm_convnext": _timm_convnext,
@@ -278,8 +305,10 @@ MODELS = {
         torch.randn(B, 4, 4, 4, dtype=torch.float64),
     ),
 }
-AUTOMATIC = ["gpt2", "local_vit"]
-MICRO_BATCHED = ["bert", "local_resnet_gn", "transformer_encoder"]
+AUTOMATIC = ["gpt2", "local_vit", "t5"]
+MICRO_BATCHED = ["bert", "local_resnet_gn", "transformer_encoder", "t5", "dora_llama"]
+# a weight shared by embeddings and the head: two per_layer layers, one tensor
+PER_LAYER_REFUSED_CASES = [("t5", "per_layer")]
 
 
 def _build(name: str):
@@ -300,6 +329,7 @@ def _check(name: str, mode: str, micro_batch: int | None = None) -> None:
 
 
 CASES = [(name, mode) for name in MODELS for mode in ("flat", "none", "per_layer")]
+CASES = [(name, mode) for name, mode in CASES if (name, mode) not in PER_LAYER_REFUSED_CASES]
 CASES += [(name, "automatic") for name in AUTOMATIC]
 
 
@@ -314,7 +344,7 @@ def test_model_micro_batched(name):
 
 
 # ---- refusals --------------------------------------------------------------------------------
-def _make_private(model: nn.Module, inputs: torch.Tensor):
+def _make_private(model: nn.Module, inputs: torch.Tensor, clipping: str = "flat"):
     loader = DataLoader(TensorDataset(inputs, inputs), batch_size=inputs.shape[0])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     return fastdp.PrivacyEngine().make_private(
@@ -323,19 +353,15 @@ def _make_private(model: nn.Module, inputs: torch.Tensor):
         data_loader=loader,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
+        clipping=clipping,
         poisson_sampling=False,
     )
 
 
-def test_t5_shared_embedding_is_refused():
-    transformers = _import_or_skip("transformers")
-    config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    model = transformers.T5ForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="same object|weight tying"):
-        _make_private(model, _ids())
+def test_t5_tied_head_is_refused_under_per_layer_clipping():
+    model, inputs = _t5()
+    with pytest.raises(ValueError, match="per_layer.*tied weight.*flat"):
+        _make_private(model, inputs, clipping="per_layer")
 
 
 @pytest.mark.parametrize("layer", [nn.LSTM(4, 4, batch_first=True), nn.GRU(4, 4)])
@@ -399,13 +425,25 @@ def test_gradient_checkpointing_matches_the_oracle(name, use_reentrant, mode):
     assert_close_sums(got, expected)
 
 
-def test_dora_is_refused_with_the_fix():
-    """DoRA's magnitude reads lora_A/lora_B weights outside their layers: refused up front,
-    naming plain LoRA as the fix (not a misleading batch-axis error in backward)."""
+def test_dora_on_a_convolution_is_refused_with_the_fix():
+    """DoRA on Linear targets is exact (MODELS: dora_llama); on a convolution it is refused,
+    naming the fix."""
+    peft = _import_or_skip("peft")
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    base(_images().float())
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=True)
+    model = peft.get_peft_model(base, config)
+    with pytest.raises(ValueError, match="DoRA magnitude of an embedding or convolution.*Linear"):
+        _make_private(model, _images().float())
+
+
+def test_lora_on_an_embedding_is_refused_up_front():
+    """peft keeps an embedding adapter's factors in ParameterDicts that its parent uses: no
+    call to take per-sample gradients from, so refused at make_private (not at step)."""
     transformers = _import_or_skip("transformers")
     peft = _import_or_skip("peft")
     base = transformers.LlamaForCausalLM(_llama_config(transformers))
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens"])
     model = Output(peft.get_peft_model(base, config))
-    with pytest.raises(ValueError, match="DoRA magnitude.*use_dora=False"):
+    with pytest.raises(ValueError, match="lora_embedding_A.*ParameterDict.*parameter container"):
         _make_private(model, _ids())

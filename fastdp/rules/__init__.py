@@ -25,6 +25,7 @@ from __future__ import annotations
 from fastdp.rules import (  # noqa: F401,E402  (registration)
     conv,
     conv_nd,
+    dora,
     embedding,
     generic,
     hf,

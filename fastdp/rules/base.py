@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 _REGISTRY: dict[type[nn.Module], LayerRule] = {}
+# rules for classes of optional libraries, by qualified name (no import needed to register)
+_BY_NAME: dict[str, LayerRule] = {}
 _FALLBACK: list[LayerRule] = []  # the generic torch.func rule (fastdp/rules/generic.py)
 
 
@@ -34,6 +36,7 @@ class Record:
     grad_scale: float = 1.0
     extra: dict = field(default_factory=dict)
     group: int = 1
+    pass_id: int | None = None  # the forward pass that made it (None: made in backward)
 
     @property
     def batch_size(self) -> int:
@@ -78,6 +81,22 @@ def sum_views(tensor: torch.Tensor, group: int) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0] // group, group, *tensor.shape[1:]).sum(1)
 
 
+def concat_positions(
+    records: list[Record], key: str, shape, dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(saved[key], G) of several calls of one layer, each reshaped by ``shape(tensor)`` and
+    concatenated along ``dim``: a sample's positions in all calls, as if one call had seen
+    them (the layer's per-sample gradient is a sum over positions)."""
+    saved = torch.cat([shape(r.saved[key]) for r in records], dim)
+    grad_output = torch.cat([shape(r.grad_output) for r in records], dim)
+    return saved, grad_output
+
+
+def merged_record(records: list[Record], key: str, saved, grad_output) -> Record:
+    first = records[0]
+    return Record(module=first.module, name=first.name, saved={key: saved}, grad_output=grad_output)
+
+
 def rows_scale(scale: torch.Tensor | None, group: int) -> torch.Tensor | None:
     """(B,) per-sample scale -> (B*K,) per-row scale: every view of sample i gets c_i (the
     clipped sum is linear in the rows, so sum_i c_i sum_k g_ik)."""
@@ -105,6 +124,12 @@ class LayerRule:
     ) -> None:
         """grads[p] += sum_i scale_i * grad_i(p) for the trainable params (float64 buffers);
         ``scale`` None is the plain sum (no per-sample factor, no extra pass over G)."""
+        raise NotImplementedError
+
+    def merge(self, records: list[Record]) -> Record:
+        """One record whose per-sample gradients are the sums over ``records``, the calls of
+        one layer in one forward pass (its per-sample gradient is the sum over its uses).
+        Rules that cannot merge leave this as it is: the tape then refuses a second call."""
         raise NotImplementedError
 
 
@@ -135,13 +160,15 @@ def buffer_for(grads: dict[nn.Parameter, torch.Tensor], param: nn.Parameter) -> 
     return buf
 
 
-def register_rule(*module_types: type[nn.Module]):
-    """Class decorator: register one rule instance for the given module types."""
+def register_rule(*keys: type[nn.Module] | str):
+    """Class decorator: register one rule instance for the given module types, or for classes
+    of optional libraries by qualified name, ``"package.module.QualName"`` (exact classes;
+    nothing is imported)."""
 
     def wrap(cls: type[LayerRule]) -> type[LayerRule]:
         instance = cls()
-        for module_type in module_types:
-            _REGISTRY[module_type] = instance
+        for key in keys:
+            (_BY_NAME if isinstance(key, str) else _REGISTRY)[key] = instance
         return cls
 
     return wrap
@@ -161,6 +188,8 @@ def rule_for(module: nn.Module) -> LayerRule | None:
     subclass (timm's LayerNorm2d, a GroupNorm with its own forward) goes to the fallback.
     """
     rule = _REGISTRY.get(type(module))
+    if rule is None:
+        rule = _BY_NAME.get(f"{type(module).__module__}.{type(module).__qualname__}")
     if rule is not None:
         return rule
     for klass in type(module).__mro__[1:]:

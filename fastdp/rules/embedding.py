@@ -16,6 +16,7 @@ from fastdp.rules.base import (
     LayerRule,
     Record,
     buffer_for,
+    merged_record,
     register_rule,
 )
 
@@ -92,6 +93,22 @@ class EmbeddingRule(LayerRule):
             input = input.expand(batch, *input.shape[1:])
         output = F.embedding(input, module.weight.detach(), module.padding_idx)
         return output, {"tokens": input.detach()}
+
+    def merge(self, records: list[Record]) -> Record:
+        """Calls on several id tensors (T5's shared embedding: encoder and decoder inputs):
+        one sample's ids and G of all calls side by side, so equal ids of different calls
+        collapse into one row like equal ids of one call."""
+        tokens = torch.cat(
+            [r.saved["tokens"].reshape(r.saved["tokens"].shape[0], -1) for r in records], 1
+        )
+        g = torch.cat(
+            [
+                r.grad_output.reshape(r.grad_output.shape[0], -1, r.grad_output.shape[-1])
+                for r in records
+            ],
+            1,
+        )
+        return merged_record(records, "tokens", tokens, g)
 
     def norm_sq(self, record: Record) -> torch.Tensor:
         module = record.module

@@ -63,6 +63,14 @@ _REFUSED: list[tuple[tuple[type, ...], str, str]] = [
         "convolution or attention block (nn.TransformerEncoder is supported)",
     ),
     (
+        (nn.ParameterDict, nn.ParameterList),
+        "is a parameter container, which has no forward: its parent module uses the parameters "
+        "in its own forward (peft's LoRA on an embedding keeps lora_embedding_A/B so), where "
+        "fastdp sees no call of the container to take per-sample gradients from",
+        "keep trainable parameters in the module that uses them (as its own attributes or in a "
+        "layer fastdp has a rule for), apply LoRA to Linear target modules only, or freeze them",
+    ),
+    (
         (nn.MultiheadAttention,),
         "is an nn.MultiheadAttention that make_private could not swap for fastdp's exact "
         "DPMultiheadAttention (fastdp/rules/attention.py)",
@@ -79,12 +87,13 @@ def own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
 
 # the same, for classes of optional libraries, by qualified name (no import needed)
 _REFUSED_BY_NAME: dict[str, tuple[str, str]] = {
-    "peft.tuners.lora.dora.DoraLinearLayer": (
-        "is a DoRA magnitude: its forward recomputes the weight norm from lora_A's and "
-        "lora_B's weights outside their own layers (on an identity matrix, not the batch), so "
-        "no per-sample gradient of those weights exists there",
-        "use plain LoRA (peft.LoraConfig(use_dora=False))",
-    ),
+    f"peft.tuners.lora.dora.{name}": (
+        "is a DoRA magnitude of an embedding or convolution adapter, which fastdp has no rule "
+        "for (DoRA on Linear layers is supported: fastdp/rules/dora.py)",
+        "apply DoRA to Linear target modules only, or use plain LoRA there "
+        "(peft.LoraConfig(use_dora=False))",
+    )
+    for name in ("DoraEmbeddingLayer", "_DoraConvNdLayer")
 }
 
 

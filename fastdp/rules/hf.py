@@ -4,24 +4,33 @@
 (d_in, d_out). Per sample its weight gradient is A_i^T G_i, the transpose of the Linear
 gradient G_i^T A_i, so the norms are the Linear rule's (ghost or direct, same rounding) and the
 clipped sum is the same clipped GEMM with the operands' roles swapped, written straight into
-the (d_in, d_out) buffer. Registered only when transformers imports.
+the (d_in, d_out) buffer. Registered by qualified name (transformers is not imported).
+
+T5's relative attention bias is an Embedding called on (q, k) bucket ids without a batch
+axis; ``patch_t5_attention`` makes make_private call it on the ids expanded to the batch.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from fastdp.kernels.clipped_grad import clipped_linear_grad
-from fastdp.rules.base import LayerRule, Record, buffer_for, detached, register_rule, trainable
-from fastdp.rules.linear import linear_accumulate, linear_norm_sq, record_operands
+from fastdp.rules.base import (
+    LayerRule,
+    Record,
+    buffer_for,
+    detached,
+    register_rule,
+    trainable,
+)
+from fastdp.rules.linear import linear_accumulate, linear_norm_sq, merge_linear, record_operands
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # transformers absent or broken: nothing to register
-    Conv1D = None
 
-
+@register_rule("transformers.pytorch_utils.Conv1D")
 class HFConv1DRule(LayerRule):
+    merge = staticmethod(merge_linear)
+
     def forward(self, module, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
         weight, bias = module.weight.detach(), detached(module.bias)
         flat = input.reshape(-1, input.shape[-1])
@@ -50,5 +59,73 @@ class HFConv1DRule(LayerRule):
             linear_accumulate(activations, grad_output, scale, None, buffer_for(grads, bias))
 
 
-if Conv1D is not None:
-    register_rule(Conv1D)(HFConv1DRule)
+# ---- T5's relative attention bias --------------------------------------------------------------
+_T5_ATTENTION = "transformers.models.t5.modeling_t5.T5Attention"  # by name: no import
+
+
+class _BucketCatcher(nn.Module):
+    """Stands in for ``relative_attention_bias`` while T5's own ``compute_bias`` runs: it keeps
+    the (q, k) bucket ids and returns them as (q, k, 1), which compute_bias lays out as
+    (1, 1, q, k), so the layout it gives its values can be checked."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.bucket: torch.Tensor | None = None
+        object.__setattr__(self, "_embedding", embedding)  # not a child: nothing registered
+
+    @property
+    def weight(self) -> torch.Tensor:  # compute_bias reads the device from it
+        return self._embedding.weight
+
+    def forward(self, bucket: torch.Tensor) -> torch.Tensor:
+        self.bucket = bucket
+        return bucket.unsqueeze(-1)
+
+
+def _batched_compute_bias(attention: nn.Module, original):
+    """T5Attention.compute_bias with the bias embedding called on the bucket ids expanded to
+    the micro-batch: T5 calls it on (q, k) ids and broadcasts the (1, H, q, k) bias over the
+    batch, where no per-sample gradient exists; (B, H, q, k) has one (the same values)."""
+
+    def compute_bias(*args, **kwargs):
+        embedding = attention._modules["relative_attention_bias"]
+        tape = getattr(embedding.__dict__.get("forward"), "tape", None)
+        batch = None if tape is None else tape.batch_rows()
+        if batch is None or not torch.is_grad_enabled():
+            return original(*args, **kwargs)  # evaluation: the model's own broadcast bias
+        catcher = _BucketCatcher(embedding)
+        attention._modules["relative_attention_bias"] = catcher
+        try:
+            layout = original(*args, **kwargs)
+        finally:
+            attention._modules["relative_attention_bias"] = embedding
+        bucket = catcher.bucket
+        if (
+            bucket is None
+            or layout.shape != (1, 1, *bucket.shape)
+            or not torch.equal(layout[0, 0], bucket)
+        ):
+            raise RuntimeError(
+                "fastdp: this transformers version's T5Attention.compute_bias no longer lays "
+                "out the relative bias as values.permute(2, 0, 1).unsqueeze(0); fastdp's "
+                "per-sample relative bias needs updating. Freeze relative_attention_bias "
+                "(requires_grad_(False)) meanwhile."
+            )
+        values = embedding(bucket.expand(batch, *bucket.shape))  # (B, q, k, H)
+        return values.permute(0, 3, 1, 2)
+
+    return compute_bias
+
+
+def patch_t5_attention(model: nn.Module) -> None:
+    """Give every T5Attention with a trainable relative bias the batched ``compute_bias``
+    (an instance attribute; the class is untouched)."""
+    for module in model.modules():
+        bias = getattr(module, "relative_attention_bias", None)
+        if (
+            any(_T5_ATTENTION == f"{k.__module__}.{k.__qualname__}" for k in type(module).__mro__)
+            and isinstance(bias, nn.Embedding)
+            and bias.weight.requires_grad
+            and "compute_bias" not in module.__dict__
+        ):
+            module.compute_bias = _batched_compute_bias(module, module.compute_bias)

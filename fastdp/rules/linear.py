@@ -15,8 +15,10 @@ from fastdp.rules.base import (
     LayerRule,
     Record,
     buffer_for,
+    concat_positions,
     detached,
     group_tokens,
+    merged_record,
     register_rule,
     trainable,
 )
@@ -75,8 +77,16 @@ def linear_accumulate(
         bias_buf.add_(per_sample.sum(0) if scale is None else scale @ per_sample)
 
 
+def merge_linear(records: list[Record]) -> Record:
+    """Several calls of one linear map: their (B, T_c, d) operands side by side, (B, sum T_c, d)
+    (G_i^T A_i is a sum over positions)."""
+    return merged_record(records, "activations", *concat_positions(records, "activations", as_btd))
+
+
 @register_rule(nn.Linear)
 class LinearRule(LayerRule):
+    merge = staticmethod(merge_linear)
+
     def forward(self, module: nn.Linear, input: torch.Tensor) -> tuple[torch.Tensor, dict]:
         output = F.linear(input, module.weight.detach(), detached(module.bias))
         return output, {"activations": input.detach()}

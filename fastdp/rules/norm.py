@@ -16,6 +16,8 @@ from fastdp.rules.base import (
     LayerRule,
     Record,
     buffer_for,
+    concat_positions,
+    merged_record,
     register_rule,
     sum_views,
     trainable,
@@ -64,6 +66,21 @@ class AffineNormRule(LayerRule):
             output = output + module.bias.detach().view(shape)
         return output, {"x_hat": x_hat.detach()}
 
+    def positions(self, module: nn.Module, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(tensor with the positions the affine parameters are shared over in one axis,
+        that axis): (B, T, *normalized_shape), axis 1."""
+        return tensor.reshape(tensor.shape[0], -1, *module.normalized_shape), 1
+
+    def merge(self, records: list[Record]) -> Record:
+        """Several calls of one norm layer: positions of all calls side by side."""
+        module = records[0].module
+        dim = self.positions(module, records[0].grad_output)[1]
+        return merged_record(
+            records,
+            "x_hat",
+            *concat_positions(records, "x_hat", lambda t: self.positions(module, t)[0], dim),
+        )
+
     def norm_sq(self, record: Record) -> torch.Tensor:
         """Certified, rounded up: ``accumulate`` adds c * v_i for the very per-sample vectors
         v_i computed here (same float32 ops on the same tensors), each product c * v rounded
@@ -102,6 +119,9 @@ class GroupNormRule(AffineNormRule):
 
     def affine_shape(self, module: nn.GroupNorm, input: torch.Tensor) -> tuple[int, ...]:
         return (1, module.num_channels) + (1,) * (input.dim() - 2)
+
+    def positions(self, module: nn.GroupNorm, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return tensor.reshape(tensor.shape[0], module.num_channels, -1), 2
 
 
 if hasattr(nn, "RMSNorm"):

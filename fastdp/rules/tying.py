@@ -44,9 +44,24 @@ class TiedPair:
     head: nn.Linear
 
 
-def check_tying(owners: dict[int, list[tuple[str, nn.Module, str]]]) -> list[TiedPair]:
-    """The supported tied pairs among parameters with several owners; refuse the rest."""
-    pairs = []
+@dataclass(frozen=True)
+class TieGroup:
+    """Modules sharing one weight: nn.Embedding modules (T5's shared, encoder and decoder
+    embeddings are three modules holding one matrix) and at most one nn.Linear head. The
+    embeddings' calls are merged into one record of ``embeddings[0]`` (their ids side by side,
+    as for one embedding called several times); the head adds the cross term above."""
+
+    embeddings: tuple[nn.Embedding, ...]
+    head: nn.Linear | None
+
+    @property
+    def pair(self) -> TiedPair | None:
+        return None if self.head is None else TiedPair(self.embeddings[0], self.head)
+
+
+def check_tying(owners: dict[int, list[tuple[str, nn.Module, str]]]) -> list[TieGroup]:
+    """The supported groups of modules sharing a parameter; refuse the rest."""
+    groups = []
     for users in owners.values():
         if len(users) < 2:
             continue
@@ -55,20 +70,21 @@ def check_tying(owners: dict[int, list[tuple[str, nn.Module, str]]]) -> list[Tie
         embeddings = [m for m in modules if type(m) is nn.Embedding]
         heads = [m for m in modules if type(m) is nn.Linear]
         if (
-            len(users) == 2
-            and len(embeddings) == 1
-            and len(heads) == 1
+            embeddings
+            and len(heads) <= 1
+            and len(embeddings) + len(heads) == len(users)
             and all(pname == "weight" for _, _, pname in users)
+            and len({m.padding_idx for m in embeddings}) == 1
         ):
-            pairs.append(TiedPair(embeddings[0], heads[0]))
+            groups.append(TieGroup(tuple(embeddings), heads[0] if heads else None))
             continue
         raise ValueError(
             f"parameters {names} are one tensor (weight tying). fastdp combines the per-sample "
-            "gradients of a tied weight only for one nn.Embedding and one nn.Linear head "
-            "(GPT-2's wte / lm_head); untie these (transformers: tie_word_embeddings=False) or "
-            "freeze them."
+            "gradients of a tied weight only for nn.Embedding modules (with one padding_idx) "
+            "and at most one nn.Linear head (GPT-2's wte / lm_head, T5's shared embeddings); "
+            "untie these (transformers: tie_word_embeddings=False) or freeze them."
         )
-    return pairs
+    return groups
 
 
 def tied_norm_sq(
