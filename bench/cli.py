@@ -2,7 +2,7 @@
 
     fastdp bench [models] [--quick]     every model x provider at one size (+ kernels if built)
     fastdp bench models --models zoo --tag zoo --no-kernels
-                                        GPT-2, Llama, ResNet-18-GN, ViT (bench/zoo.py), with the
+                                        GPT-2, Llama, ResNet-18-GN, ViT, T5 (bench/zoo.py), with the
                                         torch.func fallback's share of the fastdp-flat step
     fastdp bench scaling [--quick]      batch size to the largest that fits; GPT sequence length
     fastdp bench logical [--quick]      DP step as the logical batch grows, physical batch fixed

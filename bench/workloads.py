@@ -137,6 +137,7 @@ PRESETS["quick"].update(
     llama=ModelSpec("llama", dict(_LM, dim=64, hidden=172), batch_size=8, seq_len=64),
     resnet18gn=ModelSpec("resnet18gn", dict(width=8), batch_size=8, image=32),
     vit=ModelSpec("vit", dict(image=32, patch=4, dim=64, depth=2, heads=4), batch_size=8),
+    t5=ModelSpec("t5", dict(_LM, dim=64), batch_size=8, seq_len=64),
 )
 PRESETS["cpu"].update(
     gpt2=ModelSpec("gpt2", dict(_LM, vocab=2048, dim=256, depth=4), batch_size=16, seq_len=128),
@@ -145,6 +146,7 @@ PRESETS["cpu"].update(
     ),
     resnet18gn=ModelSpec("resnet18gn", dict(width=64), batch_size=16, image=32),  # the real widths
     vit=ModelSpec("vit", dict(image=32, patch=4, dim=192, depth=12, heads=3), batch_size=16),
+    t5=ModelSpec("t5", dict(_LM, vocab=2048, dim=256, depth=4), batch_size=16, seq_len=128),
 )
 PRESETS["gpu"].update(
     gpt2=ModelSpec(
@@ -158,6 +160,7 @@ PRESETS["gpu"].update(
     ),
     resnet18gn=ModelSpec("resnet18gn", dict(width=64), batch_size=128, image=32),
     vit=ModelSpec("vit", dict(image=224, patch=16, dim=768, depth=12, heads=12), batch_size=64),
+    t5=ModelSpec("t5", dict(vocab=32128, dim=768, depth=12, heads=12), 16, seq_len=512),
 )
 MODEL_NAMES = tuple(PRESETS["cpu"])
 

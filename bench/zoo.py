@@ -1,8 +1,8 @@
-"""Models people train, as benchmark workloads: GPT-2, Llama, ViT (transformers) and
+"""Models people train, as benchmark workloads: GPT-2, Llama, ViT, T5 (transformers) and
 ResNet-18 with GroupNorm (defined here), all from small random-init configs.
 
-Nothing is downloaded. The transformers models are built with ``tie_word_embeddings=False``
-(fastdp refuses a parameter shared by two layers), ``use_cache=False`` and dropout 0, and are
+Nothing is downloaded. GPT-2 and Llama are built with ``tie_word_embeddings=False`` (as the
+earlier runs were; T5 keeps its ties), ``use_cache=False`` and dropout 0, and are
 wrapped so that ``model(x)`` returns the logits tensor the harness's loss expects. The
 transformers package stays optional: ``available(name)`` says whether a workload can be built
 here, and ``fastdp bench`` skips the ones that cannot (``pip install fastdp[hf]``).
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HF_MODELS = ("gpt2", "llama", "vit")
-ZOO = ("gpt2", "llama", "resnet18gn", "vit")
-TOKEN_MODELS = ("gpt", "gpt2", "llama")
+HF_MODELS = ("gpt2", "llama", "vit", "t5")
+ZOO = ("gpt2", "llama", "resnet18gn", "vit", "t5")
+TOKEN_MODELS = ("gpt", "gpt2", "llama", "t5")
 IMAGE_MODELS = ("cnn", "resnet18gn", "vit")
 
 
@@ -83,6 +83,30 @@ def llama(
         pad_token_id=0,
     )  # fmt: skip
     return LogitsOf(transformers.LlamaForCausalLM(config), "input_ids")
+
+
+class Seq2SeqLogits(nn.Module):
+    """An encoder-decoder's logits with the same ids as encoder and decoder input (the
+    harness's token targets are the next ids)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x, decoder_input_ids=x).logits
+
+
+def t5(vocab: int = 512, dim: int = 128, depth: int = 2, heads: int = 4, max_len: int = 256):
+    """T5ForConditionalGeneration as shipped (T5 v1.0): one weight for the shared, encoder and
+    decoder embeddings and the head, relative attention bias, T5LayerNorm (the fallback).
+    ``max_len`` is unused (relative positions)."""
+    transformers = importlib.import_module("transformers")
+    config = transformers.T5Config(
+        vocab_size=vocab, d_model=dim, d_kv=dim // heads, d_ff=4 * dim, num_layers=depth,
+        num_heads=heads, dropout_rate=0.0, use_cache=False,
+    )  # fmt: skip
+    return Seq2SeqLogits(transformers.T5ForConditionalGeneration(config))
 
 
 def vit(
@@ -155,6 +179,7 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "llama": llama,
     "vit": vit,
     "resnet18gn": ResNet18GN,
+    "t5": t5,
 }
 
 
