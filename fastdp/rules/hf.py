@@ -60,9 +60,6 @@ class HFConv1DRule(LayerRule):
 
 
 # ---- T5's relative attention bias --------------------------------------------------------------
-_T5_ATTENTION = "transformers.models.t5.modeling_t5.T5Attention"  # by name: no import
-
-
 class _BucketCatcher(nn.Module):
     """Stands in for ``relative_attention_bias`` while T5's own ``compute_bias`` runs: it keeps
     the (q, k) bucket ids and returns them as (q, k, 1), which compute_bias lays out as
@@ -106,10 +103,10 @@ def _batched_compute_bias(attention: nn.Module, original):
             or not torch.equal(layout[0, 0], bucket)
         ):
             raise RuntimeError(
-                "fastdp: this transformers version's T5Attention.compute_bias no longer lays "
-                "out the relative bias as values.permute(2, 0, 1).unsqueeze(0); fastdp's "
-                "per-sample relative bias needs updating. Freeze relative_attention_bias "
-                "(requires_grad_(False)) meanwhile."
+                f"fastdp: {type(attention).__qualname__}.compute_bias does not lay out the "
+                "relative bias as T5 does (values.permute(2, 0, 1).unsqueeze(0)), so fastdp "
+                "cannot give it a batch axis. Freeze relative_attention_bias "
+                "(requires_grad_(False))."
             )
         values = embedding(bucket.expand(batch, *bucket.shape))  # (B, q, k, H)
         return values.permute(0, 3, 1, 2)
@@ -118,12 +115,14 @@ def _batched_compute_bias(attention: nn.Module, original):
 
 
 def patch_t5_attention(model: nn.Module) -> None:
-    """Give every T5Attention with a trainable relative bias the batched ``compute_bias``
-    (an instance attribute; the class is untouched)."""
+    """Give every T5-style attention (a ``compute_bias`` method and a trainable
+    ``relative_attention_bias`` Embedding: T5, mT5, UMT5, LongT5, Switch Transformers, ...)
+    the batched ``compute_bias`` (an instance attribute; the class is untouched). One whose
+    compute_bias lays the values out differently is refused at its first call."""
     for module in model.modules():
         bias = getattr(module, "relative_attention_bias", None)
         if (
-            any(_T5_ATTENTION == f"{k.__module__}.{k.__qualname__}" for k in type(module).__mro__)
+            callable(getattr(module, "compute_bias", None))
             and isinstance(bias, nn.Embedding)
             and bias.weight.requires_grad
             and "compute_bias" not in module.__dict__
