@@ -5,16 +5,20 @@ a PEFT LoRA model), timm (ViT, ResNet with GroupNorm, ConvNeXt), torch built-ins
 (nn.TransformerEncoder, Conv3d, ConvTranspose2d, InstanceNorm2d, PReLU) and local stand-ins
 for the timm patterns (a parent owning a class token, LayerNorm2d, layer scale, a residual
 ``out += identity``). The optional packages skip cleanly when absent (``pip install
-fastdp[hf]``); timm also needs an importable torchvision.
+fastdp[hf]`` with .ci/constraints.txt, and ``pip install --no-deps timm``, as .ci/run does).
+timm imports torchvision, absent there or not importable beside the CPU torch (a CUDA wheel),
+though its models never use it: tests/torchvision_stub.py stands in while timm is imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision_stub
 from oracle import assert_close_sums, fastdp_grad_sum, oracle_grad_sum
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -220,8 +224,10 @@ def _lora(**options):
 
 
 def _timm(name: str, **kwargs):
-    timm = _import_or_skip("timm")
-    return timm.create_model(name, pretrained=False, **kwargs)
+    if "timm" not in sys.modules:  # timm reads torchvision once, at its own import
+        with torchvision_stub.stand_in_if_broken():
+            _import_or_skip("timm")
+    return sys.modules["timm"].create_model(name, pretrained=False, **kwargs)
 
 
 def _timm_vit():
@@ -233,12 +239,25 @@ def _timm_vit():
 
 
 def _timm_resnet_gn():
-    model = _timm("resnet18", num_classes=3, norm_layer=lambda c: nn.GroupNorm(2, c))
-    return model, _images(size=16)
+    """One BasicBlock a stage (``x += shortcut``: identity, then strided downsamples),
+    GroupNorm through norm_layer (called with device= and dtype=), a deep stem; the last
+    norm of each block not zeroed, so every weight has a gradient."""
+    model = _timm(
+        "resnet18", num_classes=3, layers=(1, 1, 1, 1), channels=(8, 8, 16, 16),
+        stem_type="deep", stem_width=4, zero_init_last=False,
+        norm_layer=lambda channels, **factory: nn.GroupNorm(2, channels, **factory),
+    )  # fmt: skip
+    return model, _images(size=32)
 
 
 def _timm_convnext():
-    model = _timm("convnext_atto", num_classes=3, dims=(8, 8, 8, 8), depths=(1, 1, 1, 1))
+    """Blocks of depthwise conv, LayerNorm2d (conv_mlp), 1x1-conv MLP and layer-scale gamma,
+    a raw parameter of the block; gamma at 0.5, as timm's 1e-6 leaves the blocks' other
+    gradients (about 1e-8) under the oracle's absolute tolerance."""
+    model = _timm(
+        "convnext_atto", num_classes=3, dims=(8, 8, 8, 8), depths=(1, 1, 1, 1),
+        ls_init_value=0.5,
+    )  # fmt: skip
     return model, _images(size=32)
 
 
