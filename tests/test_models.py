@@ -250,6 +250,12 @@ def _timm_resnet_gn():
     return model, _images(size=32)
 
 
+def _timm_efficientnet_gn():
+    """timm's tiny EfficientNet with GroupNormAct: depthwise convs, squeeze-excitation, inverted
+    residuals (as shipped EfficientNet uses BatchNorm, which is refused)."""
+    return _timm("test_efficientnet_gn", num_classes=3), _images(size=32)
+
+
 def _timm_convnext():
     """Blocks of depthwise conv, LayerNorm2d (conv_mlp), 1x1-conv MLP and layer-scale gamma,
     a raw parameter of the block; gamma at 0.5, as timm's 1e-6 leaves the blocks' other
@@ -313,6 +319,7 @@ MODELS = {
     "timm_vit": _timm_vit,
     "timm_resnet18_gn": _timm_resnet_gn,
     "timm_convnext": _timm_convnext,
+    "timm_efficientnet_gn": _timm_efficientnet_gn,
     "transformer_encoder": _encoder,
     "conv3d": _conv3d,
     "conv_transpose2d": _conv_transpose2d,
