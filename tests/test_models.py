@@ -433,7 +433,7 @@ def test_fallback_warns_when_its_gradients_are_large():
 
 # ---- activation checkpointing as transformers ships it ---------------------------------------
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-@pytest.mark.parametrize("name", ["llama", "lora_llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "lora_llama", "gpt2", "t5_untied", "dora_llama"])
 @pytest.mark.parametrize("mode", ["flat", "per_layer"])
 def test_gradient_checkpointing_matches_the_oracle(name, use_reentrant, mode):
     """model.gradient_checkpointing_enable(...) (the LoRA recipe with reentrant checkpoints

@@ -79,21 +79,37 @@ class _BucketCatcher(nn.Module):
         return bucket.unsqueeze(-1)
 
 
-def _batched_compute_bias(attention: nn.Module, original):
-    """T5Attention.compute_bias with the bias embedding called on the bucket ids expanded to
-    the micro-batch: T5 calls it on (q, k) ids and broadcasts the (1, H, q, k) bias over the
-    batch, where no per-sample gradient exists; (B, H, q, k) has one (the same values)."""
+class _BatchedBias:
+    """The instance-level ``forward`` and ``compute_bias`` of one T5-style attention: forward
+    notes the batch size of its hidden states, compute_bias calls the bias embedding on the
+    bucket ids expanded to that batch. T5 calls it on (q, k) ids and broadcasts the (1, H, q, k)
+    bias over the batch, where no per-sample gradient exists; (B, H, q, k) has one (the same
+    values). Batched in every pass, with autograd on or off, so that a reentrant checkpoint's
+    no-grad forward and its recomputation give the same shapes."""
 
-    def compute_bias(*args, **kwargs):
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention = attention
+        self.original_forward = attention.forward
+        self.original_bias = attention.compute_bias
+        self.batch: int | None = None
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) else None
+        try:
+            return self.original_forward(*args, **kwargs)
+        finally:
+            self.batch = None
+
+    def compute_bias(self, *args, **kwargs):
+        attention, batch = self.attention, self.batch
+        if batch is None:  # called outside the attention's forward
+            return self.original_bias(*args, **kwargs)
         embedding = attention._modules["relative_attention_bias"]
-        tape = getattr(embedding.__dict__.get("forward"), "tape", None)
-        batch = None if tape is None else tape.batch_rows()
-        if batch is None or not torch.is_grad_enabled():
-            return original(*args, **kwargs)  # evaluation: the model's own broadcast bias
         catcher = _BucketCatcher(embedding)
         attention._modules["relative_attention_bias"] = catcher
         try:
-            layout = original(*args, **kwargs)
+            layout = self.original_bias(*args, **kwargs)
         finally:
             attention._modules["relative_attention_bias"] = embedding
         bucket = catcher.bucket
@@ -111,13 +127,11 @@ def _batched_compute_bias(attention: nn.Module, original):
         values = embedding(bucket.expand(batch, *bucket.shape))  # (B, q, k, H)
         return values.permute(0, 3, 1, 2)
 
-    return compute_bias
-
 
 def patch_t5_attention(model: nn.Module) -> None:
     """Give every T5-style attention (a ``compute_bias`` method and a trainable
     ``relative_attention_bias`` Embedding: T5, mT5, UMT5, LongT5, Switch Transformers, ...)
-    the batched ``compute_bias`` (an instance attribute; the class is untouched). One whose
+    the batched relative bias (instance attributes; the class is untouched). One whose
     compute_bias lays the values out differently is refused at its first call."""
     for module in model.modules():
         bias = getattr(module, "relative_attention_bias", None)
@@ -127,4 +141,5 @@ def patch_t5_attention(model: nn.Module) -> None:
             and bias.weight.requires_grad
             and "compute_bias" not in module.__dict__
         ):
-            module.compute_bias = _batched_compute_bias(module, module.compute_bias)
+            patched = _BatchedBias(module)
+            module.forward, module.compute_bias = patched.forward, patched.compute_bias
