@@ -9,9 +9,11 @@ A micro-batch is the unit of clipping: every backward pass that runs between two
 ``optimizer.step()`` calls belongs to it, and ``finish()`` (called by ``step()``) closes it,
 e.g. flat clipping forms the clip factors from the norms of *all* layers and runs the clipped
 GEMMs. So a sample's whole gradient is clipped once even when autograd splits the backward
-into nested passes (reentrant activation checkpointing runs one per segment), and a layer
-that receives a second backward in the same micro-batch (two views, split losses, two
-forwards summed) is refused: its samples would otherwise count twice.
+into nested passes (reentrant activation checkpointing runs one per segment). Every gradient
+of a micro-batch must come from one forward pass: the rows of two passes are different
+samples, and a sample in both would be clipped twice (two views, two forwards summed, two
+towers each with its own backward are refused); so is a layer that receives a second
+backward of the same pass, and reading the sums (``step``, ``grad_sums``) inside backward.
 
 A layer called several times in one forward pass (T5's shared embedding for encoder and
 decoder inputs, a layer shared across depth) is one layer with one per-sample gradient, the
@@ -105,6 +107,8 @@ class Tape:
         self._pass_calls: dict[int, int] = {}  # module -> calls in the current forward pass
         self._pass_batch: tuple[str, int] | None = None
         self._pass_id = 0  # counts the model's forward passes (labels records)
+        self._grad_passes = 0  # forward passes with autograd on since the micro-batch began
+        self._micro_pass: int | None = None  # the one forward pass this micro-batch's G is of
         self._awaiting_backward: dict[int, int] = {}  # module -> records with no G yet
         self._no_grad_calls: dict[int, int] = {}  # module -> calls with autograd off, this pass
         # module -> pass label of the records that received G in this micro-batch
@@ -167,6 +171,7 @@ class Tape:
         self._pass_calls.clear()
         self._pass_batch = None
         self._pass_id += 1
+        self._grad_passes += torch.is_grad_enabled()
         self._awaiting_backward.clear()
         self._no_grad_calls.clear()
 
@@ -245,22 +250,11 @@ class Tape:
         waiting = self._awaiting_backward.get(module_id, 0)
         if waiting:
             self._awaiting_backward[module_id] = waiting - 1
+        label = self._pass_of(record)
         if module_id in self._recorded and not (
             # several calls of one reused layer in one forward pass: merged at step
-            module_id in self._deferred_modules
-            and record.pass_id is not None
-            and self._recorded[module_id] == record.pass_id
+            module_id in self._deferred_modules and self._recorded[module_id] == label
         ):
-            if module_id in self._deferred_modules and None in (
-                record.pass_id,
-                self._recorded[module_id],
-            ):
-                self._fail(
-                    f"module '{record.name}' is called several times in a pass and at least "
-                    "once inside a reentrant activation checkpoint, whose recomputation cannot "
-                    "be matched to its forward pass, so its calls cannot be merged safely. Use "
-                    "non-reentrant checkpointing (use_reentrant=False)."
-                )
             self._fail(
                 f"module '{record.name}' appeared twice in the backward passes of one "
                 "micro-batch (two forward passes with one backward, or several backward "
@@ -268,7 +262,7 @@ class Tape:
                 "counted once per pass. Run one forward and one backward per micro-batch and "
                 "call optimizer.step() after each."
             )
-        self._recorded[module_id] = record.pass_id
+        self._recorded[module_id] = label
         record.grad_output = grad_output
         batch = grad_output.shape[0]
         if batch % self.views:
@@ -291,6 +285,33 @@ class Tape:
         elif batch:  # an empty (Poisson) micro-batch contributes nothing; noise comes at step
             self._guarded(self.strategy.on_layer, record, self)
 
+    def _pass_of(self, record: Record) -> int:
+        """The forward pass ``record`` belongs to; every record of a micro-batch must belong
+        to one pass: the rows of two passes are different samples (a sample in each would
+        be clipped twice, and merged records of shared layers would mix samples)."""
+        label = record.pass_id
+        if label is None:  # made in this backward by a reentrant checkpoint's recomputation
+            if self._grad_passes > 1:
+                self._fail(
+                    f"module '{record.name}' was recomputed by a reentrant activation "
+                    f"checkpoint after {self._grad_passes} forward passes with autograd on in "
+                    "this micro-batch: fastdp cannot tell which pass it belongs to. Run one "
+                    "forward and one backward per micro-batch and call optimizer.step() after "
+                    "each, or use non-reentrant checkpointing (use_reentrant=False)."
+                )
+            label = self._pass_id
+        if self._micro_pass is None:
+            self._micro_pass = label
+        elif self._micro_pass != label:
+            self._fail(
+                f"module '{record.name}' received the gradient of a second forward pass in one "
+                "micro-batch (two forward passes with one backward, or several backward passes "
+                "before optimizer.step()): the rows of the two passes are different samples, "
+                "and a sample in both would be clipped once per pass. Run one forward and one "
+                "backward per micro-batch and call optimizer.step() after each."
+            )
+        return label
+
     def _guarded(self, call, *args):
         """Run a strategy call; an exception aborts the logical batch (no partial sums)."""
         try:
@@ -301,7 +322,14 @@ class Tape:
     def finish(self) -> None:
         """Close the micro-batch: the strategy clips what it kept (flat: all layers of all
         backward passes since the last call) into the logical-batch sums."""
-        if self._open_passes and not in_backward():
+        if in_backward():
+            self._fail(
+                "optimizer.step() or grad_sums was called during a backward pass (e.g. from a "
+                "tensor or module hook): the layers whose gradient had not arrived yet would "
+                "be clipped apart from the rest of their samples' gradients. Read them after "
+                "backward() returns."
+            )
+        if self._open_passes:
             self.reset()
             self.invalid_reason = "a backward pass was interrupted by an exception"
         if self.invalid_reason is not None:
@@ -330,6 +358,8 @@ class Tape:
         self._deferred.clear()
         self._deferred_modules.clear()
         self._micro_batch = None
+        self._micro_pass = None
+        self._grad_passes = 0
 
     def _fail(self, message: str) -> None:
         """Abort this backward pass: the logical batch is invalid until discarded."""
@@ -347,6 +377,8 @@ class Tape:
         self._deferred_modules.clear()
         self._awaiting_backward.clear()
         self._micro_batch = None
+        self._micro_pass = None
+        self._grad_passes = 0
         self.invalid_reason = None
         self.dropped = 0
 

@@ -127,7 +127,7 @@ def test_two_passes_of_a_reused_layer_with_one_backward_are_refused():
     model, optimizer, loader = _private(model, x, y)
     inputs, targets = next(iter(loader))
     loss = per_sample_loss(model(inputs), targets) + per_sample_loss(model(inputs.flip(0)), targets)
-    with pytest.raises(RuntimeError, match="appeared twice in the backward passes"):
+    with pytest.raises(RuntimeError, match="second forward pass in one micro-batch"):
         loss.sum().backward()
 
 

@@ -48,6 +48,15 @@ class DoraLinearRule(LayerRule):
             raise ValueError(
                 "fastdp's DoRA rule expects LoRA factors without bias (peft lora_bias=False)"
             )
+        if any(p.requires_grad for p in base_layer.parameters(recurse=False)):
+            # DoRA's output reads the base weight and bias outside the base layer's call (its
+            # own F.linear, base_result - bias): they would get gradients no rule clips
+            raise ValueError(
+                "fastdp's DoRA rule needs the adapted base layer frozen (peft's default, "
+                "bias='none'): its weight and bias are also used inside the DoRA magnitude's "
+                "forward, where fastdp has no per-sample gradient for them. Freeze them, or "
+                "use plain LoRA with a trainable bias."
+            )
         with torch.no_grad():  # peft's weight norm is detached: nothing to differentiate
             weight = _base_weight(base_layer).to(x.dtype)
             lora_weight = (lora_B.weight @ lora_A.weight).to(x.dtype)
