@@ -49,6 +49,10 @@ def build(name: str):
         model = models.GPT(vocab=2048, dim=256, depth=4, heads=4, max_len=256)
         tokens = torch.randint(2048, (16, 129), generator=gen)
         return model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if name == "t5":  # the zoo's T5 (tied, relative bias) at the cpu preset
+        model = _zoo().t5(vocab=2048, dim=256, depth=4, heads=4)
+        tokens = torch.randint(2048, (16, 129), generator=gen)
+        return model, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     if name == "resnet18gn":
         model = _zoo().ResNet18GN(width=64)
         return model, torch.randn(16, 3, 32, 32, generator=gen), torch.randint(10, (16,))
