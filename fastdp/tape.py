@@ -257,10 +257,10 @@ class Tape:
         ):
             self._fail(
                 f"module '{record.name}' appeared twice in the backward passes of one "
-                "micro-batch (two forward passes with one backward, or several backward "
-                "passes before optimizer.step()): each of its samples would be clipped and "
-                "counted once per pass. Run one forward and one backward per micro-batch and "
-                "call optimizer.step() after each."
+                "micro-batch (several backward passes of one forward through it, e.g. two "
+                "losses backpropagated separately, before optimizer.step()): each of its "
+                "samples would be clipped and counted once per pass. Sum the losses and call "
+                "backward once per micro-batch, then optimizer.step()."
             )
         self._recorded[module_id] = label
         record.grad_output = grad_output
