@@ -118,7 +118,10 @@ class BatchAxisProbe:
         _check_rows(reference, probed, batch, index)
         if batch > 1:
             _check_rows(reference, alone, batch, lone)
-        self._signatures.add(signature)
+        if batch > 1 and _distinct_rows((args, kwargs), batch):
+            # a batch of one sample, or of identical rows, shows no mixing (every probe row is
+            # the same sample): probe the signature again on the next batch
+            self._signatures.add(signature)
 
     def run_layer(self, routed, *args, **kwargs):
         """A handled layer's forward during the probe: the rule's forward (what training
@@ -219,6 +222,16 @@ def _tensors(tree):
     elif isinstance(tree, dict):
         for item in tree.values():
             yield from _tensors(item)
+
+
+def _distinct_rows(tree, batch: int) -> bool:
+    """Whether the batch-first tensors of ``tree`` hold at least two different samples."""
+    for tensor in _tensors(tree):
+        if tensor.dim() and tensor.shape[0] == batch:
+            rows = tensor.reshape(batch, -1)
+            if not bool((rows == rows[:1]).all()):
+                return True
+    return False
 
 
 def _leading_size(tree) -> int | None:

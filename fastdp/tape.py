@@ -107,8 +107,10 @@ class Tape:
         self._pass_calls: dict[int, int] = {}  # module -> calls in the current forward pass
         self._pass_batch: tuple[str, int] | None = None
         self._pass_id = 0  # counts the model's forward passes (labels records)
-        self._grad_passes = 0  # forward passes with autograd on since the micro-batch began
         self._micro_pass: int | None = None  # the one forward pass this micro-batch's G is of
+        # the pass whose reentrant checkpoint is being recomputed in backward (set by a hook
+        # on the checkpoint's autograd node, fastdp/tape.py: _tag_checkpoints)
+        self._recompute_pass: int | None = None
         self._awaiting_backward: dict[int, int] = {}  # module -> records with no G yet
         self._no_grad_calls: dict[int, int] = {}  # module -> calls with autograd off, this pass
         # module -> pass label of the records that received G in this micro-batch
@@ -135,6 +137,7 @@ class Tape:
         self._hooks = [
             model.register_forward_pre_hook(self._start_pass),
             model.register_forward_hook(self._end_pass, with_kwargs=True),
+            model.register_forward_hook(self._after_pass, always_call=True),
         ]
 
     def share(self, groups: list) -> None:
@@ -171,7 +174,6 @@ class Tape:
         self._pass_calls.clear()
         self._pass_batch = None
         self._pass_id += 1
-        self._grad_passes += torch.is_grad_enabled()
         self._awaiting_backward.clear()
         self._no_grad_calls.clear()
 
@@ -180,7 +182,63 @@ class Tape:
             return
         self._in_root_pass = False
         self.guard.after()
+        if self._no_grad_calls and torch.is_grad_enabled():
+            self._tag_checkpoints(output)
         self.probe.after_forward(module, args, kwargs, output)
+
+    def _after_pass(self, module, args, output) -> None:
+        """Runs after every forward of the model, also one that raised: then the pass is
+        closed here (else the tape would take later calls of its layers, outside any forward
+        of the model, as part of it)."""
+        if not self._in_root_pass or in_backward() or self.probe.active:
+            return  # closed by _end_pass, or not a training forward
+        self._in_root_pass = False
+        self._pass_calls.clear()
+        self._awaiting_backward.clear()
+        self._no_grad_calls.clear()
+        try:
+            self.guard.after()
+        except RuntimeError as err:
+            self.invalid_reason = str(err)
+
+    def _tag_checkpoints(self, output) -> None:
+        """Label the reentrant activation checkpoints of this pass: their segments ran with
+        autograd off and are recomputed in backward, where the records they make must be
+        known to belong to this pass (not to a pass of another micro-batch whose graph is
+        backpropagated now). A hook on each checkpoint's autograd node sets the label while
+        the node runs and refuses a second run (a retained graph backpropagated twice would
+        count its samples twice)."""
+        from fastdp.probe import _tensors
+
+        pass_id, seen = self._pass_id, set()
+        stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if "Checkpoint" in type(node).__name__:
+                node.register_prehook(self._checkpoint_prehook(pass_id))
+                node.register_hook(self._checkpoint_done)
+            stack.extend(child for child, _ in node.next_functions)
+
+    def _checkpoint_prehook(self, pass_id: int):
+        runs = [0]
+
+        def prehook(grad_outputs):
+            runs[0] += 1
+            if runs[0] > 1:
+                self._fail(
+                    "a reentrant activation checkpoint of one forward pass was backpropagated "
+                    "twice (retain_graph=True): its layers' samples would count twice. Run a "
+                    "new forward pass for every backward."
+                )
+            self._recompute_pass = pass_id
+
+        return prehook
+
+    def _checkpoint_done(self, grad_inputs, grad_outputs) -> None:
+        self._recompute_pass = None
 
     def on_forward(self, name: str, module: nn.Module, batch: int, rule) -> None:
         if self.expected_batch is not None and batch != self.expected_batch:
@@ -291,15 +349,14 @@ class Tape:
         be clipped twice, and merged records of shared layers would mix samples)."""
         label = record.pass_id
         if label is None:  # made in this backward by a reentrant checkpoint's recomputation
-            if self._grad_passes > 1:
+            label = self._recompute_pass
+            if label is None:
                 self._fail(
-                    f"module '{record.name}' was recomputed by a reentrant activation "
-                    f"checkpoint after {self._grad_passes} forward passes with autograd on in "
-                    "this micro-batch: fastdp cannot tell which pass it belongs to. Run one "
-                    "forward and one backward per micro-batch and call optimizer.step() after "
-                    "each, or use non-reentrant checkpointing (use_reentrant=False)."
+                    f"module '{record.name}' was called in backward outside a reentrant "
+                    "activation checkpoint of the model's own forward (torch.utils.checkpoint) "
+                    "that fastdp could match to its forward pass. Call the model's layers in "
+                    "its forward, or use non-reentrant checkpointing (use_reentrant=False)."
                 )
-            label = self._pass_id
         if self._micro_pass is None:
             self._micro_pass = label
         elif self._micro_pass != label:
@@ -359,7 +416,6 @@ class Tape:
         self._deferred_modules.clear()
         self._micro_batch = None
         self._micro_pass = None
-        self._grad_passes = 0
 
     def _fail(self, message: str) -> None:
         """Abort this backward pass: the logical batch is invalid until discarded."""
@@ -378,7 +434,7 @@ class Tape:
         self._awaiting_backward.clear()
         self._micro_batch = None
         self._micro_pass = None
-        self._grad_passes = 0
+        self._recompute_pass = None
         self.invalid_reason = None
         self.dropped = 0
 

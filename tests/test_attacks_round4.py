@@ -14,40 +14,12 @@ import warnings
 
 import pytest
 import torch
+from canary import KAPPA, REFUSED, C
+from canary import moved as _moved
+from canary import private as _private
+from canary import snapshot as _snapshot
 from oracle import per_sample_loss
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-import fastdp
-
-REFUSED = (ValueError, RuntimeError)
-KAPPA = 2.0**-10
-C = 1.0
-
-
-def _private(model: nn.Module, x, y, **kwargs):
-    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    options = dict(noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False, seed=0)
-    options.update(kwargs)
-    options.setdefault("loss_reduction", "sum")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fastdp.PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, **options
-        )
-
-
-def _moved(model: nn.Module, before: dict) -> float:
-    return float(
-        sum((p.detach().double() - before[n]).square().sum() for n, p in model.named_parameters())
-        ** 0.5
-    )
-
-
-def _snapshot(model: nn.Module) -> dict:
-    return {n: p.detach().double().clone() for n, p in model.named_parameters()}
-
 
 # ---- 1. embeddings sharing one weight, used in two forward passes of one micro-batch ----------
 V, D = 4, 3

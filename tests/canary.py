@@ -1,0 +1,44 @@
+"""Canary measurement shared by the attack tests: noise off, SGD lr = 1, summed loss, so how
+far a step moves the weights is the sum of the clipped per-sample gradients; with every
+honest sample's gradient zero it is the canary's whole contribution, which must stay at or
+under C (1 + 2^-10)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastdp
+
+REFUSED = (ValueError, RuntimeError)
+KAPPA = 2.0**-10
+C = 1.0
+
+
+def private(model: nn.Module, x, y, **kwargs):
+    """make_private on one batch of (x, y) at C, noise 0 (keyword arguments override)."""
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    options = dict(noise_multiplier=0.0, max_grad_norm=C, poisson_sampling=False, seed=0)
+    options.update(kwargs)
+    options.setdefault("loss_reduction", "sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fastdp.PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=loader, **options
+        )
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {n: p.detach().double().clone() for n, p in model.named_parameters()}
+
+
+def moved(model: nn.Module, before: dict) -> float:
+    """The norm of the change of all parameters since ``before`` (a ``snapshot``)."""
+    return float(
+        sum((p.detach().double() - before[n]).square().sum() for n, p in model.named_parameters())
+        ** 0.5
+    )
