@@ -145,11 +145,12 @@ def _ids(batch: int = B) -> torch.Tensor:
 
 
 # ---- the models ------------------------------------------------------------------------------
-def _gpt2():
+def _gpt2(tied: bool = False):
+    """GPT-2; ``tied``: as shipped, wte and lm_head one weight."""
     transformers = _import_or_skip("transformers")
     config = transformers.GPT2Config(
         vocab_size=VOCAB, n_positions=8, n_embd=HIDDEN, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied,
         bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     return Output(transformers.GPT2LMHeadModel(config)), _ids()
@@ -309,6 +310,7 @@ def _instance_prelu():
 
 MODELS = {
     "gpt2": _gpt2,
+    "gpt2_tied": lambda: _gpt2(tied=True),
     "bert": _bert,
     "llama": _llama,
     "hf_vit": _hf_vit,
@@ -331,10 +333,10 @@ MODELS = {
         torch.randn(B, 4, 4, 4, dtype=torch.float64),
     ),
 }
-AUTOMATIC = ["gpt2", "local_vit", "t5"]
-MICRO_BATCHED = ["bert", "local_resnet_gn", "transformer_encoder", "t5", "dora_llama"]
+AUTOMATIC = ["gpt2", "gpt2_tied", "local_vit", "t5"]
+MICRO_BATCHED = ["bert", "local_resnet_gn", "transformer_encoder", "t5", "dora_llama", "gpt2_tied"]
 # a weight shared by embeddings and the head: two per_layer layers, one tensor
-PER_LAYER_REFUSED_CASES = [("t5", "per_layer")]
+PER_LAYER_REFUSED_CASES = [("t5", "per_layer"), ("gpt2_tied", "per_layer")]
 
 
 def _build(name: str):
@@ -384,8 +386,9 @@ def _make_private(model: nn.Module, inputs: torch.Tensor, clipping: str = "flat"
     )
 
 
-def test_t5_tied_head_is_refused_under_per_layer_clipping():
-    model, inputs = _t5()
+@pytest.mark.parametrize("name", [name for name, _ in PER_LAYER_REFUSED_CASES])
+def test_tied_head_is_refused_under_per_layer_clipping(name):
+    model, inputs = MODELS[name]()
     with pytest.raises(ValueError, match="per_layer.*tied weight.*flat"):
         _make_private(model, inputs, clipping="per_layer")
 
