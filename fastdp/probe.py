@@ -24,6 +24,14 @@ differs from every dimension the layers and inputs showed; and on one sample alo
   make the passes differ too and are refused by the same check: turn them off.
 A loss that mixes samples (a contrastive loss over the batch) is outside the model and
 cannot be probed: the loss must be a sum or mean of per-sample terms (README).
+
+A signature (input shapes, small argument values, the modules' train/eval flags) counts as
+probed only after a probe that could show mixing: every compared tensor had two different
+rows, or was equal across rows in every earlier probe of the signature too (by design). The
+probe checks the model on the batches it saw; it is not a proof for every dataset: a model
+that mixes samples only on some inputs (or only where a crafted dataset keeps every probed
+batch's rows equal) can pass it, which is why mixing code in the model is refused as a bug
+of trusted code, not relied on as a defence.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ class BatchAxisProbe:
         self.active = False
         self.batch: int | None = None
         self._signatures: set[str] = set()
+        # signature -> positions of the compared tensors whose rows were all equal in every
+        # probe of it so far (by design, e.g. a position embedding broadcast over the batch)
+        self._identical: dict[str, set[int]] = {}
         self._dims: set[int] = set()
         self._seen: list = []  # (args, kwargs, output) of each handled layer in a probe pass
         self._calls: dict[int, int] = {}  # module -> calls in the current probe pass
@@ -62,7 +73,7 @@ class BatchAxisProbe:
             batch = _leading_size((args, kwargs))
         if not batch:
             return
-        signature = _signature((args, kwargs), batch)
+        signature = _signature((args, kwargs), batch) + _modes(module)
         if signature in self._signatures:
             return
         dims |= _all_dims((args, kwargs))
@@ -118,10 +129,23 @@ class BatchAxisProbe:
         _check_rows(reference, probed, batch, index)
         if batch > 1:
             _check_rows(reference, alone, batch, lone)
-        if batch > 1 and _distinct_rows((args, kwargs), batch):
-            # a batch of one sample, or of identical rows, shows no mixing (every probe row is
-            # the same sample): probe the signature again on the next batch
+        if batch > 1 and self._informative(signature, reference, batch):
             self._signatures.add(signature)
+
+    def _informative(self, signature: str, reference: list, batch: int) -> bool:
+        """Whether this probe could show mixing wherever the model might mix: every compared
+        tensor (model output, layer inputs and outputs) has two different rows, except those
+        equal across rows in every earlier probe of the signature too (by design). A batch of
+        one sample, of identical rows, or identical where the model mixes (rows that differ
+        only in labels, or in values a ReLU zeroes) shows nothing: probe again next time."""
+        identical = {
+            i
+            for i, t in enumerate(_tensors(reference))
+            if t.is_floating_point() and t.dim() and t.shape[0] == batch and _rows_equal(t)
+        }
+        known = self._identical.get(signature)
+        self._identical[signature] = identical if known is None else known & identical
+        return not identical or (known is not None and identical <= known)
 
     def run_layer(self, routed, *args, **kwargs):
         """A handled layer's forward during the probe: the rule's forward (what training
@@ -224,14 +248,16 @@ def _tensors(tree):
             yield from _tensors(item)
 
 
-def _distinct_rows(tree, batch: int) -> bool:
-    """Whether the batch-first tensors of ``tree`` hold at least two different samples."""
-    for tensor in _tensors(tree):
-        if tensor.dim() and tensor.shape[0] == batch:
-            rows = tensor.reshape(batch, -1)
-            if not bool((rows == rows[:1]).all()):
-                return True
-    return False
+def _rows_equal(tensor: torch.Tensor) -> bool:
+    rows = tensor.reshape(tensor.shape[0], -1)
+    return bool((rows == rows[:1]).all())
+
+
+def _modes(module: nn.Module) -> str:
+    """The train/eval flags of the model's modules: a model may mix samples in one mode only,
+    so a probe in eval mode (a validation or adversarial-example forward with autograd on)
+    proves nothing about training forwards."""
+    return "|modes:" + "".join("1" if m.training else "0" for m in module.modules())
 
 
 def _leading_size(tree) -> int | None:
@@ -246,15 +272,37 @@ def _all_dims(tree) -> set[int]:
 
 
 def _signature(tree, batch: int) -> str:
-    """Shapes with the batch dimension blanked: one probe per sequence length, not per
-    (Poisson-varying) batch size."""
+    """Shapes with the batch dimension blanked (one probe per sequence length, not per
+    Poisson-varying batch size), the values of small tensors without the batch axis and of
+    plain arguments (a flag or a 0-dim strength may switch on code that mixes samples), and
+    the type of anything else."""
     parts = []
-    for t in _tensors(tree):
-        shape = tuple(t.shape)
-        if shape and shape[0] == batch:
-            shape = ("B",) + shape[1:]
-        parts.append(f"{shape}:{t.dtype}")
+    for leaf in _leaves(tree):
+        if isinstance(leaf, torch.Tensor):
+            shape = tuple(leaf.shape)
+            if shape and shape[0] == batch:
+                shape = ("B",) + shape[1:]
+            elif leaf.numel() <= 16:
+                shape = (shape, leaf.detach().cpu().tolist())
+            parts.append(f"{shape}:{leaf.dtype}")
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            parts.append(repr(leaf))
+        else:
+            parts.append(type(leaf).__qualname__)
     return "|".join(parts)
+
+
+def _leaves(tree):
+    """Every leaf of nested lists, tuples and dicts (dict keys included)."""
+    if isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _leaves(item)
+    elif isinstance(tree, dict):
+        for key, item in tree.items():
+            yield repr(key)
+            yield from _leaves(item)
+    else:
+        yield tree
 
 
 def _take(tree, batch: int, index: torch.Tensor):

@@ -174,6 +174,7 @@ class Tape:
         self._pass_calls.clear()
         self._pass_batch = None
         self._pass_id += 1
+        self._recompute_pass = None  # a checkpoint backward that raised leaves it set
         self._awaiting_backward.clear()
         self._no_grad_calls.clear()
 
@@ -416,6 +417,7 @@ class Tape:
         self._deferred_modules.clear()
         self._micro_batch = None
         self._micro_pass = None
+        self._recompute_pass = None
 
     def _fail(self, message: str) -> None:
         """Abort this backward pass: the logical batch is invalid until discarded."""
