@@ -211,13 +211,14 @@ class Tape:
         count its samples twice)."""
         from fastdp.probe import _tensors
 
-        pass_id, seen = self._pass_id, set()
+        pass_id = self._pass_id
+        seen: dict[int, object] = {}  # keeps the node wrappers alive, so ids are not reused
         stack = [t.grad_fn for t in _tensors(output) if t.grad_fn is not None]
         while stack:
             node = stack.pop()
             if node is None or id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             if "Checkpoint" in type(node).__name__:
                 node.register_prehook(self._checkpoint_prehook(pass_id))
                 node.register_hook(self._checkpoint_done)
