@@ -36,6 +36,7 @@ of trusted code, not relied on as a defence.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -73,8 +74,10 @@ class BatchAxisProbe:
             batch = _leading_size((args, kwargs))
         if not batch:
             return
-        signature = _signature((args, kwargs), batch) + _modes(module)
-        if signature in self._signatures:
+        signature = _signature((args, kwargs), batch)
+        if signature is not None:
+            signature += _modes(module)
+        if signature is not None and signature in self._signatures:
             return
         dims |= _all_dims((args, kwargs))
         probe_batch = next(
@@ -129,7 +132,7 @@ class BatchAxisProbe:
         _check_rows(reference, probed, batch, index)
         if batch > 1:
             _check_rows(reference, alone, batch, lone)
-        if batch > 1 and self._informative(signature, reference, batch):
+        if signature is not None and batch > 1 and self._informative(signature, reference, batch):
             self._signatures.add(signature)
 
     def _informative(self, signature: str, reference: list, batch: int) -> bool:
@@ -212,13 +215,27 @@ def _identity(input, *args, **kwargs):
     return input
 
 
+def _sample_axis(r: torch.Tensor, p: torch.Tensor, batch: int, rows: int) -> int | None:
+    """The axis of a compared tensor that holds the samples: size ``batch`` in the reference
+    pass and ``rows`` in the other (the first such axis; usually 0, but an output may be
+    sequence-first or transposed), the other sizes equal."""
+    if not r.is_floating_point() or r.dim() != p.dim():
+        return None
+    for axis in range(r.dim()):
+        if r.shape[axis] == batch and p.shape[axis] == rows:
+            others = [d for d in range(r.dim()) if d != axis]
+            if all(r.shape[d] == p.shape[d] for d in others):
+                return axis
+    return None
+
+
 def _check_rows(reference, probed, batch: int, index: torch.Tensor) -> None:
     """Output row j of the probe pass must equal row index[j] of the reference pass."""
-    pairs = [
-        (r, p)
-        for r, p in zip(_tensors(reference), _tensors(probed))
-        if r.is_floating_point() and r.dim() and r.shape[0] == batch and p.shape[0] == len(index)
-    ]
+    pairs = []
+    for r, p in zip(_tensors(reference), _tensors(probed)):
+        axis = _sample_axis(r, p, batch, len(index))
+        if axis is not None:
+            pairs.append((r.movedim(axis, 0), p.movedim(axis, 0)))
     for r, p in pairs:
         expected = r.index_select(0, index.to(r.device)).double().reshape(len(index), -1)
         got = p.double().reshape(len(index), -1)
@@ -271,36 +288,50 @@ def _all_dims(tree) -> set[int]:
     return {int(d) for t in _tensors(tree) for d in t.shape}
 
 
-def _signature(tree, batch: int) -> str:
+def _signature(tree, batch: int) -> str | None:
     """Shapes with the batch dimension blanked (one probe per sequence length, not per
     Poisson-varying batch size), the values of small tensors without the batch axis and of
-    plain arguments (a flag or a 0-dim strength may switch on code that mixes samples), and
-    the type of anything else."""
+    numbers, strings and None (a flag or a 0-dim strength may switch on code that mixes
+    samples), and the structure of containers. None when an argument is of another kind,
+    whose value the signature cannot capture: such a call is probed every time."""
     parts = []
     for leaf in _leaves(tree):
-        if isinstance(leaf, torch.Tensor):
+        if isinstance(leaf, _Mark):
+            parts.append(str(leaf))
+        elif isinstance(leaf, torch.Tensor):
             shape = tuple(leaf.shape)
             if shape and shape[0] == batch:
                 shape = ("B",) + shape[1:]
             elif leaf.numel() <= 16:
                 shape = (shape, leaf.detach().cpu().tolist())
             parts.append(f"{shape}:{leaf.dtype}")
-        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+        elif leaf is None or isinstance(leaf, (bool, int, float, complex, str)):
             parts.append(repr(leaf))
+        elif isinstance(leaf, np.generic):  # numpy scalars (np.bool_ is not a bool)
+            parts.append(f"{type(leaf).__name__}({leaf.item()!r})")
         else:
-            parts.append(type(leaf).__qualname__)
+            return None
     return "|".join(parts)
 
 
+class _Mark(str):
+    """Container structure in a signature (not an argument value)."""
+
+
 def _leaves(tree):
-    """Every leaf of nested lists, tuples and dicts (dict keys included)."""
-    if isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _leaves(item)
-    elif isinstance(tree, dict):
-        for key, item in tree.items():
-            yield repr(key)
-            yield from _leaves(item)
+    """Every leaf of nested lists, tuples and dicts, with marks of their structure (type,
+    length, dict keys), so that ``f(x)`` and ``f(x, [[]])`` or a keyword and a positional
+    string differ."""
+    if isinstance(tree, (list, tuple, dict)):
+        yield _Mark(f"{type(tree).__name__}[{len(tree)}](")
+        if isinstance(tree, dict):
+            for key, item in tree.items():
+                yield _Mark(f"key {key!r}:")
+                yield from _leaves(item)
+        else:
+            for item in tree:
+                yield from _leaves(item)
+        yield _Mark(")")
     else:
         yield tree
 
