@@ -42,3 +42,10 @@ def moved(model: nn.Module, before: dict) -> float:
         sum((p.detach().double() - before[n]).square().sum() for n, p in model.named_parameters())
         ** 0.5
     )
+
+
+def check(moved_by: float | None) -> None:
+    """None: the attack was refused (fine); else the canary's contribution is at most C."""
+    if moved_by is None:
+        return
+    assert moved_by <= C * (1 + KAPPA), f"canary moved the weights by {moved_by:.4f} C"
