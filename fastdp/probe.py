@@ -64,7 +64,7 @@ class BatchAxisProbe:
         """Forward hook of the root model: probe once per new input signature of a pass
         with autograd on (layers inside reentrant checkpoints ran under no_grad: the probe
         still reaches them, since it runs every layer's rule)."""
-        from fastdp.tape import in_backward
+        from fastdp.routing import in_backward
 
         if self.active or in_backward() or not torch.is_grad_enabled():
             return

@@ -124,7 +124,7 @@ def _swapped(module: nn.Module, tensors: dict[str, torch.Tensor]):
 def _plain_forwards(module: nn.Module):
     """Switch off the tape's routing in ``module``'s subtree (the replay must neither record
     calls nor detach the children's parameters differently from a plain forward)."""
-    from fastdp.tape import _RoutedForward  # the tape imports the rules: import late
+    from fastdp.routing import _RoutedForward  # routing imports the rules: import late
 
     removed = []
     for sub in module.modules():
