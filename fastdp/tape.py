@@ -3,7 +3,7 @@
 ``Tape.attach(model)`` replaces the forward of every layer that has trainable parameters by
 its rule's forward (parameters detached, so autograd computes input gradients only) followed
 by a ``_Tap``: an identity, in place on the layer output, whose backward hands the output
-gradient G to the clipping strategy.
+gradient G to the clipping strategy (both in fastdp/routing.py).
 
 A micro-batch is the unit of clipping: every backward pass that runs between two
 ``optimizer.step()`` calls belongs to it, and ``finish()`` (called by ``step()``) closes it,
