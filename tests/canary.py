@@ -49,3 +49,17 @@ def check(moved_by: float | None) -> None:
     if moved_by is None:
         return
     assert moved_by <= C * (1 + KAPPA), f"canary moved the weights by {moved_by:.4f} C"
+
+
+D = 3
+U = torch.tensor([1.0, 2.0, 2.0]) / 3  # a unit direction in R^D
+
+
+def centring_batch():
+    """The canary c (x = 10 e0, target -5u) and an honest h (x = 0, target +5u). Centred
+    inputs are +-5 e0: BOTH gradients are 50 u e0^T (each clipped to C, same direction);
+    without the canary, h alone has a zero centred input and a zero gradient. A model that
+    centres over the batch therefore gives the canary a contribution of 2 C."""
+    x = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    y = torch.stack([-5.0 * U, 5.0 * U])
+    return x, y

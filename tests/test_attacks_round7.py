@@ -12,26 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from canary import REFUSED
+from canary import REFUSED, D, U
+from canary import centring_batch as _centring_batch
 from canary import check as _check
 from canary import moved as _moved
 from canary import private as _private
 from canary import snapshot as _snapshot
 from oracle import per_sample_loss
 from torch import nn
-
-D = 3
-U = torch.tensor([1.0, 2.0, 2.0]) / 3
-
-
-def _centring_batch():
-    """The canary c (x = 10 e0, target -5u) and an honest h (x = 0, target +5u). Centred
-    inputs are +-5 e0: BOTH gradients are 50 u e0^T (each clipped to C, same direction);
-    without the canary, h alone has a zero centred input and a zero gradient. A model that
-    centres over the batch therefore gives the canary a contribution of 2 C."""
-    x = torch.tensor([[10.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    y = torch.stack([-5.0 * U, 5.0 * U])
-    return x, y
 
 
 class _Zero(nn.Module):
