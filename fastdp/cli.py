@@ -7,6 +7,7 @@ importing the module when its subcommand runs so ``fastdp demo`` never pays for 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 
 SUBCOMMANDS = {
@@ -19,16 +20,29 @@ SUBCOMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: fastdp <command> [options]", "", "commands:"]
+    lines = ["usage: fastdp [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run 'fastdp <command> --help' for the options of one command."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed fastdp's version (without importing torch)."""
+    try:
+        return importlib.metadata.version("fastdp")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        from fastdp import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"fastdp {version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,16 +67,20 @@ def run(args: argparse.Namespace) -> dict:
     model = _model(args.model, args.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     engine = fastdp.PrivacyEngine(accountant="prv")
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=DataLoader(train, batch_size=args.batch_size),
-        noise_multiplier=args.noise_multiplier,
-        max_grad_norm=args.max_grad_norm,
-        clipping=args.clipping,
-        max_physical_batch_size=args.max_physical_batch_size,
-        seed=args.seed,
-    )
+    with warnings.catch_warnings():
+        # the demo's fixed seed makes its numbers reproducible; make_private's warning about
+        # explicit seeds is for users' releases, not for the library's own demo
+        warnings.filterwarnings("ignore", message="an explicit seed", category=UserWarning)
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(train, batch_size=args.batch_size),
+            noise_multiplier=args.noise_multiplier,
+            max_grad_norm=args.max_grad_norm,
+            clipping=args.clipping,
+            max_physical_batch_size=args.max_physical_batch_size,
+            seed=args.seed,
+        )
     seconds, samples = _train(model, optimizer, loader, args.epochs, f"DP-SGD ({args.clipping})")
     results["private"] = {
         "test_accuracy": accuracy(model, test),
@@ -89,20 +94,41 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastdp demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=256, help="logical (expected) batch")
-    parser.add_argument("--max-physical-batch-size", type=int, default=256)
-    parser.add_argument("--noise-multiplier", type=float, default=1.0)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--clipping", choices=["flat", "per_layer", "automatic"], default="flat")
-    parser.add_argument("--lr", type=float, default=0.2)
-    parser.add_argument("--samples", type=int, default=10000, help="MNIST-1D samples (80%% train)")
-    parser.add_argument("--data-seed", type=int, default=42)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few epochs only (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="write results.json here")
+    parser = argparse.ArgumentParser(
+        prog="fastdp demo",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--model", choices=["mlp", "conv"], default="mlp", help="MLP or 1-D convolutional net")
+    add("--epochs", type=int, default=30, help="epochs of both runs")
+    add("--batch-size", type=int, default=256, help="logical (expected) batch: q = B / N")
+    add(
+        "--max-physical-batch-size",
+        type=int,
+        default=256,
+        help="largest micro-batch in memory at once (does not change the result)",
+    )
+    add("--noise-multiplier", type=float, default=1.0, help="sigma: noise std / clip norm")
+    add("--max-grad-norm", type=float, default=1.0, help="clip norm C of each sample's gradient")
+    add(
+        "--clipping",
+        choices=["flat", "per_layer", "automatic"],
+        default="flat",
+        help="how per-sample gradients are clipped",
+    )
+    add("--lr", type=float, default=0.2, help="SGD learning rate (momentum 0.9), both runs")
+    add("--samples", type=int, default=10000, help="MNIST-1D samples (80%% train)")
+    add("--data-seed", type=int, default=42, help="seed of the generated dataset")
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of model init, batches and noise (fixed so the demo is reproducible; "
+        "private runs you release use seed=None)",
+    )
+    add("--quick", action="store_true", help="at most 3 epochs (smoke run)")
+    add("--out", type=Path, default=None, help="write results.json into this folder")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs = min(args.epochs, 3)
