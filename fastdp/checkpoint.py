@@ -157,10 +157,10 @@ def load(engine, *, path, module: nn.Module, optimizer=None) -> dict:
             "private engine, and resume only from the latest checkpoint of a run."
         )
     module.load_state_dict(payload["module"])
+    run.secret = payload["secret"]
+    run.logical_step = payload["logical_step"]  # before the optimizer state, which carries it
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    run.secret = payload["secret"]
-    run.logical_step = payload["logical_step"]
     if optimizer is not None:
         optimizer.discard_logical_batch()
     engine.accountant.history = [

@@ -202,6 +202,13 @@ class DPDataLoader:
         self._epoch_cache: tuple[int, list[torch.Tensor]] | None = None
         self._plan_cache: tuple[tuple[int, int], list] | None = None
 
+    @property
+    def batch_sampler(self):
+        """Refused with the fastdp way (Opacus's BatchMemoryManager reads it)."""
+        from fastdp.habits import refuse_batch_sampler
+
+        refuse_batch_sampler()
+
     def drive(self, optimizer) -> None:
         """Signal micro-batches to ``optimizer`` and read the run's secret and step from it."""
         self.optimizer = optimizer
