@@ -4,10 +4,12 @@
   the micro-batch is finished (``optimizer.step()``), then every layer runs one clipped GEMM.
 - ``automatic``: c_i = C / (||g_i|| + gamma), gamma = 0.01 (normalised per-sample gradients).
 - ``per_layer``: layer l is clipped to its own threshold C_l inside backward and dropped.
-- ``none``: Noisy-SGD, no norms at all; each layer accumulates its plain sum inside backward.
+- ``none``: Noisy-SGD, no norms at all: the model keeps ordinary autograd and the optimizer
+  takes ``p.grad`` (fastdp/plain.py); this strategy only carries the mode's facts.
 
 Every strategy drops samples whose gradient is NaN/Inf (their factor is 0 and their rows are
-zeroed before the GEMM, since 0 * NaN is NaN), and returns how many it dropped.
+zeroed before the GEMM, since 0 * NaN is NaN) with tensor ops, never a host branch, and
+returns how many it dropped as a tensor (read at most once per logical step, on request).
 
 Rounding: the rules return certified squared norms (upper bounds, after rounding, of what
 their clipped GEMMs add). The factors are formed in float64 with a relative margin of 2^-20,
@@ -51,8 +53,8 @@ class ClippingStrategy:
     def on_layer(self, record: Record, tape) -> None:
         raise NotImplementedError
 
-    def finish(self, tape) -> int:
-        return 0
+    def finish(self, tape) -> torch.Tensor | None:
+        return None
 
     def tie(self, groups: list) -> None:
         """Weight ties (fastdp/rules/tying.py: TieGroup) whose uses must be clipped together."""
@@ -93,23 +95,21 @@ class FlatClipping(ClippingStrategy):
         self.norm_sq = layer_norm_sq if self.norm_sq is None else self.norm_sq + layer_norm_sq
         self.records.append(record)
 
-    def finish(self, tape) -> int:
+    def finish(self, tape) -> torch.Tensor | None:
         records, norm_sq = self.records, self.norm_sq
         self.reset()
         if not records:
-            return 0
+            return None
         grad_scale = records[0].grad_scale  # one micro-batch: one batch size
         norm_sq = self._with_ties(records, norm_sq)
         norms = _norms(norm_sq, grad_scale)
         bad = ~torch.isfinite(norms)
-        dropped = int(bad.sum())
         factors = (self.factors(norms.nan_to_num(0.0)) * grad_scale).float()
         scale = torch.where(bad, torch.zeros_like(factors), factors)
         for record in records:
-            if dropped:
-                record.zero_samples(bad)
+            record.zero_samples(bad)  # no-op values for finite samples; no host branch
             rule_for(record.module).accumulate(record, scale, tape.grads)
-        return dropped
+        return bad.sum()
 
     def _with_ties(self, records: list[Record], norm_sq: torch.Tensor) -> torch.Tensor:
         """Replace the two separate norms of each tied pair by their joint certified norm."""
@@ -152,8 +152,8 @@ class _InBackward(ClippingStrategy):
     def _note_dropped(self, bad: torch.Tensor) -> None:
         self.dropped = bad if self.dropped is None else self.dropped | bad
 
-    def finish(self, tape) -> int:
-        dropped = 0 if self.dropped is None else int(self.dropped.sum())
+    def finish(self, tape) -> torch.Tensor | None:
+        dropped = None if self.dropped is None else self.dropped.sum()
         self.dropped = None
         return dropped
 
@@ -185,21 +185,14 @@ class PerLayerClipping(_InBackward):
         scale = (threshold / (norms.nan_to_num(0.0) + _EPS)).clamp(max=1.0) * record.grad_scale
         scale = scale.float()
         scale = torch.where(bad, torch.zeros_like(scale), scale)
-        if bool(bad.any()):
-            record.zero_samples(bad)
+        record.zero_samples(bad)  # no-op values for finite samples; no host branch
         rule.accumulate(record, scale, tape.grads)
         self._note_dropped(bad)
 
 
-class NoClipping(_InBackward):
-    """Noisy-SGD: the plain per-layer sum, accumulated inside backward, no norms.
-
-    A NaN/Inf from one sample must not reach the sum, so each layer is checked before it is
-    added, by whichever check is cheaper: one reduction over the layer's saved tensors and G
-    (then the sum goes straight into the accumulator), or, when those are larger than the
-    parameters, one reduction over the layer's sum computed in a scratch buffer. Only if the
-    check fails are the offending samples located (per-sample finiteness) and dropped.
-    """
+class NoClipping(ClippingStrategy):
+    """Noisy-SGD: no norms, no clipping. The model is not routed (the optimizer takes the
+    ordinary autograd gradients, fastdp/plain.py: AutogradSums); this carries the facts."""
 
     mode = "none"
     private = False
@@ -208,45 +201,10 @@ class NoClipping(_InBackward):
         """No clipping: the uses of a tied weight simply add into its sum."""
 
     def __init__(self, noise_scale: float = 1.0) -> None:
-        super().__init__()
         self.sensitivity = noise_scale  # no bound: only the noise std is sigma * this
 
     def on_layer(self, record: Record, tape) -> None:
-        rule = rule_for(record.module)
-        inputs = [record.grad_output] + [t for t in record.saved.values() if t.is_floating_point()]
-        param_size = sum(p.numel() for p in record.module.parameters(recurse=False))
-        if sum(t.numel() for t in inputs) <= 2 * param_size:
-            if _finite(t.sum() for t in inputs):
-                scale = torch.full(
-                    (record.batch_size,), record.grad_scale, device=record.grad_output.device
-                )
-                rule.accumulate(record, scale, tape.grads)
-                return
-        else:
-            scratch: dict = {}
-            rule.accumulate(record, None, scratch)
-            if _finite(buf.sum() for buf in scratch.values()):
-                for param, buf in scratch.items():
-                    _add_into(tape.grads, param, buf, record.grad_scale)
-                return
-        bad = ~record.per_sample_finite()
-        record.zero_samples(bad)
-        scale = (~bad).float() * record.grad_scale
-        rule.accumulate(record, scale, tape.grads)
-        self._note_dropped(bad)
-
-
-def _finite(sums) -> bool:
-    """One host sync: are all these (scalar) sums finite? NaN/Inf anywhere propagates."""
-    return bool(torch.isfinite(torch.stack([s.float() for s in sums])).all())
-
-
-def _add_into(grads: dict, param, buf: torch.Tensor, alpha: float) -> None:
-    """grads[param] += alpha * buf (adopting ``buf`` as the accumulator on first use)."""
-    if param in grads:
-        grads[param].add_(buf, alpha=alpha)
-    else:
-        grads[param] = buf.mul_(alpha) if alpha != 1 else buf
+        raise RuntimeError("clipping='none' takes autograd's gradients: no layer is routed")
 
 
 def make_strategy(

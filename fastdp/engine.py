@@ -19,6 +19,7 @@ from fastdp.data import DPDataLoader, steps_per_epoch
 from fastdp.guards import check_data_independent
 from fastdp.kernels.noise import derive_secret
 from fastdp.optimizer import DPOptimizer
+from fastdp.plain import AutogradSums
 from fastdp.rules import is_fallback, rule_for
 from fastdp.rules.attention import replace_modules
 from fastdp.rules.generic import refusal, warn_fallback
@@ -124,7 +125,10 @@ class PrivacyEngine:
             secret=_shared_secret(seed, world_size),
             views=augmentation_multiplicity,
         )
-        tape = Tape(strategy, loss_reduction, grads={})
+        if strategy.private:
+            tape = Tape(strategy, loss_reduction, grads={})
+        else:  # Noisy-SGD: ordinary autograd gradients, no per-layer work (fastdp/plain.py)
+            tape = AutogradSums(loss_reduction, params)
         tape.views = augmentation_multiplicity
         dp_optimizer = DPOptimizer(optimizer, tape=tape, params=params, run=run)
         loader.drive(dp_optimizer)

@@ -7,8 +7,8 @@ assert the subclass and the cause in the message, never "some ValueError".
 
 | type | raised when |
 |---|---|
-| ``UnsupportedModuleError`` | a module has no per-sample rule, or a setting of it does not fit one |
-| ``BatchMixingError`` | samples influence each other (batch statistics, a mixing forward, a collate) |
+| ``UnsupportedModuleError`` | a module has no per-sample rule, or a setting it refuses |
+| ``BatchMixingError`` | samples influence each other (batch statistics, mixing, a collate) |
 | ``StateLeakError`` | state computed from the data would be released without noise (buffers) |
 | ``LoopProtocolError`` | the training loop breaks the one-forward, one-backward, one-step rules |
 | ``DistributedMismatchError`` | ranks disagree on a privacy fact |

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from fastdp.errors import LoopProtocolError
+from fastdp import habits
 from fastdp.kernels.noise import NoiseKey, prefetch_noise
 from fastdp.kernels.noisy_update import noisy_gradient_torch
 from fastdp.state import PrivateRun
@@ -48,6 +50,11 @@ class DPOptimizer(Optimizer):
         self._streams = {p: k for k, p in enumerate(params)}
         self._pending_last: bool | None = None
         self._warned_unsampled = False
+        # the count of dropped (non-finite) samples depends on the data: it is a release, so
+        # it is kept as a tensor and read only on request (``dropped_samples``), or warned
+        # about at each logical step when the user opts in (``warn_dropped = True``)
+        self.warn_dropped = False
+        self._dropped: torch.Tensor | None = None
 
     # ---- the run's state (owned by ``run``; read-only where privacy depends on it) -------
     @property
@@ -101,10 +108,10 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.defaults = value
 
     def state_dict(self) -> dict:
-        return self.original_optimizer.state_dict()
+        return habits.with_run_position(self, self.original_optimizer.state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.original_optimizer.load_state_dict(state_dict)
+        self.original_optimizer.load_state_dict(habits.check_run_position(self, state_dict))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears ``p.grad`` only; the clipped sums of an unfinished logical batch stay."""
@@ -112,6 +119,24 @@ class DPOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r})"
+
+    @property
+    def dropped_samples(self) -> int:
+        """Samples of the last logical batch dropped for a non-finite gradient (Noisy-SGD:
+        the rows of dropped micro-batches). Reading it is a host sync and a release that is
+        not differentially private: a diagnostic, off the training path."""
+        return 0 if self._dropped is None else int(self._dropped)
+
+    def _warn_dropped(self) -> None:
+        dropped = self.dropped_samples
+        if dropped:
+            warnings.warn(
+                f"fastdp: {dropped} sample(s) of the last logical batch had a non-finite "
+                "(NaN/Inf) gradient and were dropped: they contributed zero. (This count is "
+                "not private; set optimizer.warn_dropped = False for runs you release.)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     # ---- private step ---------------------------------------------------------------------
     @property
@@ -163,8 +188,10 @@ class DPOptimizer(Optimizer):
                 f"sums are incomplete ({self.tape.invalid_reason}). Fix the model, then call "
                 "optimizer.discard_logical_batch() to start a new one."
             )
-        self._refuse_plain_gradients()
+        if self.run.strategy.private:
+            self._refuse_plain_gradients()
         pending, self._pending_last = self._pending_last, None
+        habits.check_lr_within_logical_batch(self, pending)  # a scheduler per micro-batch
         if pending is None and self.run.micro_step:
             self.tape.reset()
             self.tape.invalid_reason = "step() twice for one micro-batch"
@@ -180,6 +207,8 @@ class DPOptimizer(Optimizer):
             self.last_step_updated = False
             self.run.micro_step += 1
             return loss
+        if pending is None and self.run.strategy.private:
+            habits.refuse_trainer_loop()  # a transformers.Trainer on its own loader
         self._logical_step(sampled=pending is not None)
         return loss
 
@@ -195,22 +224,29 @@ class DPOptimizer(Optimizer):
         """No parameter may carry an ordinary (unclipped) autograd gradient at step time:
         one would come from a parameter used outside its layer's forward, or unfrozen /
         added after make_private, and the wrapped optimizer would apply it as it is."""
-        for group in self.original_optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and bool(p.grad.any()):  # zeros (set_to_none=False) pass
-                    name = self._param_names.get(p, f"a parameter of shape {tuple(p.shape)}")
-                    raise RuntimeError(
-                        f"{name} has an ordinary, unclipped gradient: it was used outside its "
-                        "layer's forward (e.g. F.linear(x, layer.weight)), unfrozen or added "
-                        "after make_private, or p.grad was set by hand. Call "
-                        "optimizer.zero_grad() and make the model private again after "
-                        "changing which parameters train."
-                    )
+        with_grad = [
+            p for group in self.original_optimizer.param_groups for p in group["params"]
+            if p.grad is not None
+        ]  # fmt: skip
+        if not with_grad:
+            return  # the usual case: routed layers' parameters get no autograd gradient
+        norms = torch.stack(torch._foreach_norm([p.grad for p in with_grad]))
+        if bool((norms == 0).all()):  # zeros (set_to_none=False) pass; one sync
+            return
+        for p, norm in zip(with_grad, norms.tolist()):
+            if norm != 0:
+                name = self._param_names.get(p, f"a parameter of shape {tuple(p.shape)}")
+                raise LoopProtocolError(
+                    f"{name} has an ordinary, unclipped gradient: it was used outside its "
+                    "layer's forward (e.g. F.linear(x, layer.weight)), unfrozen or added "
+                    "after make_private, or p.grad was set by hand. Call "
+                    "optimizer.zero_grad() and make the model private again after "
+                    "changing which parameters train."
+                )
 
     def discard_logical_batch(self) -> None:
         """Drop the clipped sums of the unfinished logical batch (nothing is applied)."""
-        for buf in self.tape.grads.values():
-            buf.zero_()
+        self.tape.clear()
         self.tape.reset()
         self.run.micro_step = 0
 
@@ -234,7 +270,6 @@ class DPOptimizer(Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
-        grads = self.tape.grads
         if _world_size() != self.world_size:
             raise RuntimeError(
                 f"make_private saw {self.world_size} process(es) but {_world_size()} are "
@@ -242,32 +277,37 @@ class DPOptimizer(Optimizer):
                 "samples its share (otherwise the all-reduced sum outgrows the noise)."
             )
         params = [p for p in self.params if p.requires_grad]  # frozen since: no update
-        for p in params:
-            if p not in grads:
-                grads[p] = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+        sums, factor = self.tape.logical_sums(params)
         if self.world_size > 1:
+            sums = {p: s * factor if factor != 1 else s for p, s in sums.items()}
+            factor = 1.0
             for p in params:
-                dist.all_reduce(grads[p])
-        sums = {p: grads[p].float() for p in params}  # float64 accumulators, float32 update
-        if not bool(torch.isfinite(torch.stack([sums[p].sum() for p in params])).all()):
-            # per-sample NaN/Inf is dropped in backward; this catches overflow of finite values
-            raise RuntimeError(
-                "the clipped sum of this logical batch is not finite (overflow); nothing was "
-                "applied. Call optimizer.discard_logical_batch() and lower the learning rate "
-                "or the loss scale."
-            )
+                dist.all_reduce(sums[p])
+        # the logical step's one host sync: is the sum finite?
+        if not bool(torch.isfinite(torch.stack(torch._foreach_norm(list(sums.values())))).all()):
+            if not self.tape.drop_non_finite():
+                # per-sample NaN/Inf is dropped in backward; this is overflow of finite values
+                raise RuntimeError(
+                    "the clipped sum of this logical batch is not finite (overflow); nothing "
+                    "was applied. Call optimizer.discard_logical_batch() and lower the learning "
+                    "rate or the loss scale."
+                )
+            sums, factor = self.tape.logical_sums(params)
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        noise = NoiseKey(self.seed, self.logical_step, self.noise_std)
-        key = dict(noise=noise, scale=scale)
+        # (factor * sum + std * xi) * scale == (sum + (std / factor) * xi) * (factor * scale)
+        std = self.noise_std / factor if factor else 0.0
+        noise = NoiseKey(self.seed, self.logical_step, std)
+        key = dict(noise=noise, scale=scale * factor)
         if not _fused_noisy_step(self.original_optimizer, sums, streams=self._streams, **key):
             for p in params:
                 p.grad = noisy_gradient_torch(sums[p], stream=self._streams[p], **key).to(p.dtype)
             self.original_optimizer.step()
             for p in params:
                 p.grad = None
-        for buf in grads.values():
-            buf.zero_()
-        self.tape.dropped = 0
+        self.tape.clear()
+        self._dropped = self.tape.take_dropped()
+        if self.warn_dropped:
+            self._warn_dropped()
         self.run.micro_step = 0
         self.run.logical_step += 1
         self.last_step_updated = True

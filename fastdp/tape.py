@@ -24,8 +24,6 @@ Rules without ``merge`` (conv, the torch.func fallback) refuse a second call.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -53,7 +51,9 @@ class Tape:
         self.loss_reduction = loss_reduction
         self.grads = grads  # param -> float32 sum of clipped per-sample gradients
         self.layers: list[tuple[str, nn.Module]] = []
-        self.dropped = 0  # samples dropped for non-finite gradients since the last step
+        # samples dropped for non-finite gradients since the last step: a tensor, never read
+        # on the hot path (DPOptimizer.dropped_samples reads it on request)
+        self._dropped: torch.Tensor | None = None
         self.invalid_reason: str | None = None
         self.expected_batch: int | None = None  # set by the private loader per micro-batch
         self.views = 1  # augmentation multiplicity K: rows i*K .. i*K+K-1 are sample i
@@ -317,14 +317,8 @@ class Tape:
                 merged = self._guarded(_merge, owner, records)
                 self._guarded(self.strategy.on_layer, merged, self)
         dropped = self._guarded(self.strategy.finish, self)
-        if dropped:
-            self.dropped += dropped
-            warnings.warn(
-                f"fastdp: {dropped} sample(s) had a non-finite (NaN/Inf) per-sample gradient "
-                "and were dropped: they contribute zero to this step.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if dropped is not None:
+            self._dropped = dropped if self._dropped is None else self._dropped + dropped
 
     def close_micro_batch(self) -> None:
         """After ``finish``, at ``optimizer.step()``: the next backward pass belongs to a new
@@ -356,7 +350,31 @@ class Tape:
         self._micro_pass = None
         self._recompute_pass = None
         self.invalid_reason = None
-        self.dropped = 0
+        self._dropped = None
+
+    # ---- the logical step's view of the sums ------------------------------------------------
+    def logical_sums(self, params: list) -> tuple[dict, float]:
+        """({p: float32 sum}, 1.0): the float64 clipped sums of the logical batch, converted
+        for the update (zeros for a parameter no sample reached, e.g. an empty batch)."""
+        for p in params:
+            if p not in self.grads:
+                self.grads[p] = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+        return {p: self.grads[p].float() for p in params}, 1.0
+
+    def drop_non_finite(self) -> bool:
+        """Non-finite samples were dropped in backward: a non-finite clipped sum overflowed
+        and cannot be repaired (False: the step refuses)."""
+        return False
+
+    def clear(self) -> None:
+        """Zero the accumulators after the update (one multi-tensor op)."""
+        if self.grads:
+            torch._foreach_zero_(list(self.grads.values()))
+
+    def take_dropped(self) -> torch.Tensor | None:
+        """Samples dropped in the logical batch that just closed (a tensor)."""
+        dropped, self._dropped = self._dropped, None
+        return dropped
 
     def batch_rows(self) -> int | None:
         """Rows of the current forward pass: the private loader's micro-batch size, else the

@@ -28,6 +28,26 @@ def noisy_gradient_torch(
     return xi.mul_(noise.std * scale).add_(g, alpha=scale)
 
 
+def noisy_gradients_torch(
+    grad_sums: list[torch.Tensor],
+    *,
+    noise: NoiseKey | None,
+    scale: float,
+    streams: list[int],
+    dtypes: list[torch.dtype],
+) -> list[torch.Tensor]:
+    """``noisy_gradient_torch`` of every tensor, with multi-tensor ops (the same elementwise
+    arithmetic, so the same values; a few launches instead of a few per tensor)."""
+    gs = [g.float() for g in grad_sums]
+    if noise is None or not noise.adds_noise:
+        out = torch._foreach_mul(gs, scale)
+    else:
+        out = [philox_normal(g.shape, noise, k).to(g.device) for g, k in zip(gs, streams)]
+        torch._foreach_mul_(out, noise.std * scale)
+        torch._foreach_add_(out, gs, alpha=scale)
+    return [g if g.dtype == dt else g.to(dt) for g, dt in zip(out, dtypes)]
+
+
 @torch.no_grad()
 def noisy_sgd_update_torch(
     params: list[torch.Tensor],
@@ -44,24 +64,31 @@ def noisy_sgd_update_torch(
     scale: float = 1.0,
     streams: list[int] | None = None,
 ) -> list[torch.Tensor | None]:
-    """Torch reference; returns the momentum buffers (created on first use, as torch SGD)."""
-    new_buffers: list[torch.Tensor | None] = []
-    for k, (p, grad_sum, buf) in enumerate(zip(params, grad_sums, momentum_buffers)):
-        stream = streams[k] if streams is not None else k
-        g = noisy_gradient_torch(grad_sum, noise=noise, scale=scale, stream=stream).to(p.dtype)
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            g = g.add(p, alpha=weight_decay)
-        if momentum != 0:
-            if buf is None:
-                buf = g.clone()
-            else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(g, alpha=-lr)
-        new_buffers.append(buf)
-    return new_buffers
+    """Torch reference (multi-tensor, as torch.optim.SGD's foreach path); returns the momentum
+    buffers (created on first use, as torch SGD)."""
+    if not params:
+        return []
+    streams = list(range(len(params))) if streams is None else streams
+    gs = noisy_gradients_torch(
+        grad_sums, noise=noise, scale=scale, streams=streams, dtypes=[p.dtype for p in params]
+    )
+    if maximize:
+        gs = torch._foreach_neg(gs)
+    if weight_decay != 0:
+        gs = torch._foreach_add(gs, params, alpha=weight_decay)
+    buffers = list(momentum_buffers)
+    if momentum != 0:
+        fresh = [k for k, buf in enumerate(buffers) if buf is None]
+        for k in fresh:
+            buffers[k] = gs[k].clone()
+        old = [k for k in range(len(params)) if k not in set(fresh)]
+        if old:
+            kept = [buffers[k] for k in old]
+            torch._foreach_mul_(kept, momentum)
+            torch._foreach_add_(kept, [gs[k] for k in old], alpha=1 - dampening)
+        gs = torch._foreach_add(gs, buffers, alpha=momentum) if nesterov else buffers
+    torch._foreach_add_(params, gs, alpha=-lr)
+    return buffers
 
 
 @torch.no_grad()

@@ -126,6 +126,7 @@ def fastdp_grad_sum(
             augmentation_multiplicity=views,
             augment=augment,
         )
+    optimizer.warn_dropped = True  # tests of NaN dropping read the count from the warning
     for x, y in loader:
         loss = per_sample_loss(model(x), y)
         (loss.mean() if loss_reduction == "mean" else loss.sum()).backward()

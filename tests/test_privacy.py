@@ -142,9 +142,10 @@ def test_inplace_residual_after_tapped_layer_is_exact():
 
 
 # ---- several backward passes per micro-batch -----------------------------------------------
-@pytest.mark.parametrize("mode", ["flat", "per_layer", "none"])
+@pytest.mark.parametrize("mode", ["flat", "per_layer"])
 def test_second_backward_in_one_micro_batch_is_refused(mode):
-    """Two augmented views, each with its own backward: each sample would count twice."""
+    """Two augmented views, each with its own backward: each sample would count twice.
+    (Noisy-SGD bounds nothing, so its autograd gradients simply add, as without fastdp.)"""
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2))
     x, y = torch.randn(8, 6), torch.randn(8, 2)

@@ -154,7 +154,7 @@ def test_zero_filled_gradients_are_not_mistaken_for_plain_ones():
 
 def test_overflowing_sum_is_refused_not_applied():
     model = _mlp()
-    (engine, m, opt, loader), (x, y) = _private(model, clipping="none")
+    (engine, m, opt, loader), (x, y) = _private(model, clipping="flat")
     per_sample_loss(m(x[:4]), y[:4]).mean().backward()
     before = [p.detach().clone() for p in m.parameters()]
     next(iter(opt.grad_sums.values())).fill_(3e38).mul_(10)  # finite inputs, overflowed sum

@@ -31,21 +31,30 @@ def _flat_tokens(module: nn.Embedding, record: Record):
     sample = torch.arange(rows, device=tokens.device) // record.group
     sample = sample.unsqueeze(1).expand_as(tokens)
     tokens, sample, g = tokens.reshape(-1), sample.reshape(-1), g.reshape(-1, g.shape[-1])
-    if module.padding_idx is not None:
-        keep = tokens != module.padding_idx
-        tokens, sample, g = tokens[keep], sample[keep], g[keep]
+    if module.padding_idx is not None:  # zero rows, not a data-dependent selection (no sync)
+        keep = (tokens != module.padding_idx).unsqueeze(1)
+        g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
     return sample, tokens, g
 
 
 def _collapse(sample: torch.Tensor, tokens: torch.Tensor, g: torch.Tensor, n_rows: int):
     """(keys, float64 rows): the rows of every distinct (sample, token), summed in float64 (any
-    order: error <= gamma64_T sum_t ||g_t||), key = sample * n_rows + token."""
+    order: error <= gamma64_T sum_t ||g_t||), key = sample * n_rows + token.
+
+    Shapes never depend on the data (no ``unique``, which is a host sync): the n positions
+    are sorted by key, each run of equal keys is one segment, and the result has n rows, the
+    first (number of distinct keys) of them the segments, the rest zero rows of key 0."""
     keys = sample * n_rows + tokens
-    unique_keys, inverse = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros(
-        unique_keys.shape[0], g.shape[1], dtype=torch.float64, device=g.device
-    ).index_add_(0, inverse, g.double())
-    return unique_keys, summed
+    n = keys.shape[0]
+    sorted_keys, order = torch.sort(keys)
+    starts = torch.ones(n, dtype=torch.int64, device=keys.device)
+    starts[1:] = (sorted_keys[1:] != sorted_keys[:-1]).to(torch.int64)
+    segment_sorted = torch.cumsum(starts, 0) - 1
+    segment = torch.empty_like(segment_sorted).scatter_(0, order, segment_sorted)
+    segment_keys = torch.zeros_like(keys).scatter_(0, segment_sorted, sorted_keys)
+    summed = torch.zeros(n, g.shape[1], dtype=torch.float64, device=g.device)
+    summed.index_add_(0, segment, g.double())
+    return segment_keys, summed
 
 
 def embedding_norm_sq(
