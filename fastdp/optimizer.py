@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from fastdp.errors import LoopProtocolError
 from fastdp import habits
+from fastdp.errors import LoopProtocolError
 from fastdp.kernels.noise import NoiseKey, prefetch_noise
 from fastdp.kernels.noisy_update import noisy_gradient_torch
 from fastdp.state import PrivateRun
