@@ -1,7 +1,7 @@
 """Micro-benchmark: clipped weight gradient sum_i c_i G_i^T A_i vs torch.matmul.
 
 Providers: "triton" (the fused kernel, CUDA only), "torch" (the reference: scale G, addmm into
-the float32 accumulator) and "torch_matmul" (the plain GEMM G^T A over the B*T rows, cuBLAS on
+the float64 accumulator) and "torch_matmul" (the plain GEMM G^T A over the B*T rows, cuBLAS on
 CUDA: the target is to be within 10% of its time). FLOPs: 2 * B * T * d * p.
 """
 

@@ -1,7 +1,7 @@
 """The batch-axis probe: one extra forward pass that proves every layer's leading dimension
 is the sample axis, whatever the shapes.
 
-The model's code is trusted (design §8: the adversary chooses samples, not code): a model
+The model's code is trusted (docs/threat_model.md: the adversary chooses samples, not code): a model
 written to detect the probe (a patched ``F.dropout``, a counter of its passes) can pass it.
 
 The tape checks in every pass that each handled layer sees the micro-batch size as its

@@ -1,7 +1,7 @@
 """Clipped weight gradient of a linear map: sum_i c_i G_i^T A_i.
 
-One GEMM over all B*T rows with the per-sample scale c folded into G's rows, accumulated in
-float32 into a caller-owned buffer (the logical-batch accumulator). The bias gradient is
+One GEMM over all B*T rows with the per-sample scale c folded into G's rows, accumulated
+into a caller-owned float64 buffer (the logical-batch accumulator; float32 is accepted). The bias gradient is
 sum_i c_i sum_t g_it. Noise is added once per logical batch by the optimizer's update
 (noisy_update.py), not here. This module holds the torch reference; the Triton kernel is in
 clipped_grad_triton.py.
@@ -50,7 +50,8 @@ def clipped_linear_grad_torch(
     """Torch reference; see ``clipped_linear_grad``."""
     d_in = activations.shape[2]
     d_out = grad_outputs.shape[2]
-    # float64 inputs are reduced in float64 (then added to the float32 buffer once)
+    # float64 inputs are reduced in float64; float32 inputs in float32, added to a float64
+    # buffer once per call
     work = torch.float64 if activations.dtype == torch.float64 else torch.float32
     g = grad_outputs.to(work)
     if scale is not None:
@@ -75,7 +76,8 @@ def clipped_linear_grad(
     """out += sum_i scale_i G_i^T A_i; bias_out += sum_i scale_i sum_t G_it.
 
     A: (B, T, d), G: (B, T, p) in any float dtype; scale: (B,) or None (all ones);
-    out: (p, d) float32, bias_out: (p,) float32 or None, both updated in place.
+    out: (p, d) float64 (the logical-batch accumulator) or float32, bias_out: (p,) of the
+    same dtypes or None, both updated in place.
     """
     _check(activations, grad_outputs, scale, out, bias_out)
     impl = clipped_linear_grad_torch

@@ -8,7 +8,7 @@ G; the rule then answers two questions:
 - ``norm_sq(record)``: every sample's squared gradient norm over this layer's trainable
   parameters, shape (B,), float32;
 - ``accumulate(record, scale, grads)``: grads[p] += sum_i scale_i * (per-sample gradient of p),
-  into float32 buffers, one GEMM per parameter with the scale folded in (``scale`` None: the
+  into float64 buffers, one GEMM per parameter with the scale folded in (``scale`` None: the
   plain sum).
 
 Rules see G as autograd delivers it; the loss-reduction factor (B for a mean) is applied by

@@ -136,7 +136,8 @@ class ConvRule(LayerRule):
     def accumulate(self, record: Record, scale: torch.Tensor | None, grads: dict) -> None:
         module = record.module
         weight, bias = trainable(module, "weight"), trainable(module, "bias")
-        # float64 inputs are reduced in float64 (then added to the float32 buffer once)
+        # float64 inputs are reduced in float64; float32 ones in float32, added to the float64
+        # buffer once per call
         work = torch.float64 if record.grad_output.dtype == torch.float64 else torch.float32
         grad_output = record.grad_output.to(work)
         scale = rows_scale(scale, record.group)  # every view of sample i gets c_i
