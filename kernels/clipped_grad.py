@@ -1,10 +1,10 @@
 """Clipped weight gradient of a linear map: sum_i c_i G_i^T A_i.
 
 One GEMM over all B*T rows with the per-sample scale c folded into G's rows, accumulated
-into a caller-owned float64 buffer (the logical-batch accumulator; float32 is accepted). The bias gradient is
-sum_i c_i sum_t g_it. Noise is added once per logical batch by the optimizer's update
-(noisy_update.py), not here. This module holds the torch reference; the Triton kernel is in
-clipped_grad_triton.py.
+into a caller-owned float64 buffer (the logical-batch accumulator; float32 is accepted).
+The bias gradient is sum_i c_i sum_t g_it. Noise is added once per logical batch by the
+optimizer's update (noisy_update.py), not here. This module holds the torch reference; the
+Triton kernel is in clipped_grad_triton.py.
 """
 
 from __future__ import annotations

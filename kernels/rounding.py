@@ -19,8 +19,9 @@ U32, U64 = 2.0**-24, 2.0**-53  # unit roundoff of float32 and float64
 # accumulators, so the chain of adds across calls cannot amplify one sample. Inside one float32
 # call a sample can still change how the call's other terms round (moving a partial sum across
 # a power of two, or making partial sums large by cancelling its own terms): that cross-sample
-# part is not certified (docs/threat_model.md, known limits); smaller calls shrink it at a cost in speed
-# (128 rows: +13% on the ResNet-18-GN step, +15-30% on the MLP step, bench/rule_cost.py).
+# part is not certified (docs/threat_model.md, known limits); smaller calls shrink it at a
+# cost in speed (128 rows: +13% on the ResNet-18-GN step, +15-30% on the MLP step,
+# bench/rule_cost.py).
 GEMM_ROW_CHUNK = 2048
 
 
