@@ -12,6 +12,9 @@
     fastdp bench report                 regenerate bench/results/README.md from the CSVs
     fastdp bench compile [--arch 80,90]  compile every Triton kernel for sm_80/sm_90 (no GPU
                                         needed): bench/results/compile-triton<version>.csv
+    fastdp bench host [--models gpt2,cnn,mlp] [--modes torch,flat,none,...] [--quick]
+                                        aten ops, host syncs and host time per step at
+                                        negligible width (bench/host.py): host-<device>.csv
 
 Each measuring mode writes ``<mode>-<device>[-quick].csv`` and a PNG drawn from it into
 ``--out`` (default ``bench-results``) and prints a table.
@@ -48,7 +51,7 @@ from fastdp.bench.workloads import (
 )
 from fastdp.bench.zoo import ZOO, available
 
-MODES = ("models", "scaling", "logical", "kernels", "all", "plot", "report", "compile")
+MODES = ("models", "scaling", "logical", "kernels", "all", "plot", "report", "compile", "host")
 KERNEL_BENCHES = (
     "bench_per_sample_norm",
     "bench_clipped_grad",
@@ -100,6 +103,10 @@ def main(argv: list[str]) -> int:
         from fastdp.bench.compile_report import main as compile_main
 
         return compile_main(argv[1:])
+    if argv[:1] == ["host"]:  # its own options (bench/host.py)
+        from fastdp.bench.host import main as host_main
+
+        return host_main(argv[1:])
     args = build_parser().parse_args(argv)
     # Opacus's hooks fire on the first layer, whose input needs no grad: expected, not news.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

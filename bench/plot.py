@@ -3,6 +3,8 @@
 The figure depends on the CSV's mode column:
 - models: per model, bars of the step-time ratio to torch (p20-p80 whiskers) with the FLOP
   floor as a dashed line, and bars of the memory ratio;
+- host: per model, aten ops / torch, host syncs per step and host time / torch
+  (``bench/host.py``);
 - scaling-batch / scaling-seq / logical: per model, a metric against the swept size x, one
   line per provider (step time and peak memory; samples/s for the logical batch);
 - anything else (kernels): per op, median against x, one line per provider and metric.
@@ -121,6 +123,10 @@ def plot_csv(csv_path: Path, png_path: Path | None = None) -> Path:
     modes = {r["mode"] for r in rows}
     if modes == {"models"}:
         fig = _models_figure(rows)
+    elif modes == {"host"}:
+        from fastdp.bench.host import figure
+
+        fig = figure(rows)
     elif modes & {"scaling-batch", "scaling-seq"}:
         fig = _sweep_figure(rows, ("step_time", "ratio_time", "peak_mem"))
     elif modes == {"logical"}:

@@ -252,6 +252,10 @@ def render(results: Path) -> str:
             lines += [f"| {t} | {m} | {s} |" for t, m, s in targets(rows)]
             fallback = fallback_section(rows)
             lines += ["", *fallback] if fallback else []
+        elif modes == {"host"}:
+            from fastdp.bench.host import markdown
+
+            lines += markdown(rows)
         elif modes & {"scaling-batch", "scaling-seq"}:
             lines += _sweep_section(rows, ("step_time", "ratio_time", "peak_mem"))
         elif modes == {"logical"}:
