@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+
+# `python -m pytest` puts the repository root on sys.path, where the folder kernels/ (imported
+# as fastdp.kernels) would hide the Hugging Face package `kernels` that transformers imports
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]
 
 
 def pytest_configure(config):
